@@ -1,0 +1,8 @@
+//! `moe-dmft param` (being written).
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> crate::Result<()> {
+    Err(crate::Error::Unavailable { what: "`param`".into(), reason: "not built yet in this version".into() })
+}

@@ -1,0 +1,1 @@
+//! dmft (being written).

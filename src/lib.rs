@@ -1,0 +1,30 @@
+//! moe-dmft: hyperparameter scaling of Mixture-of-Experts transformers, made computable and checkable.
+//!
+//! Modules, one per concept:
+//! - [`param`]: the parameterization engine (SP, muP, CompleteP, MoE-CompleteP, user-defined).
+//! - [`model`]: finite networks (MoE-ResNet, MoE-Transformer), forward and backward passes.
+//! - [`routing`]: expert selection, gates, capacity, prototyping, balancing, load statistics.
+//! - [`train`]: optimizers, schedules and the training loop with its outputs.
+//! - [`dmft`]: the mean-field dynamics of MoE layers in the joint infinite limit.
+//! - [`check`]: coordinate checks, exponent fits, finite-vs-DMFT comparisons.
+//! - [`data`]: synthetic teacher tasks and character-level text.
+//! - [`plot`]: figures (PNG and SVG) with plotters.
+//! - [`cli`]: the `moe-dmft` command line.
+//! - [`cuda`]: the GPU backend (feature `cuda`).
+
+// Links OpenBLAS for ndarray's matrix products.
+extern crate blas_src;
+
+pub mod check;
+pub mod cli;
+pub mod cuda;
+pub mod data;
+pub mod dmft;
+pub mod error;
+pub mod model;
+pub mod param;
+pub mod plot;
+pub mod routing;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,99 @@
+//! Finite networks: the MoE-ResNet (the DMFT model) and the MoE-Transformer (for text), with hand-written
+//! forward and backward passes, generic over f32 (training) and f64 (gradient checks).
+//!
+//! Every parameter lives in a [`ParamStore`]: a flat list of named tensors, each tagged with its
+//! [`Group`], so that init, multipliers, learning rates, epsilon and weight decay come per group from a
+//! [`crate::param::Resolved`] and nothing is hard-coded per size. Gradients come back as a [`Grads`] aligned
+//! with the store.
+
+use ndarray::{ArrayD, LinalgScalar, ScalarOperand};
+use num_traits::{Float, FromPrimitive};
+use rand_chacha::ChaCha8Rng;
+
+use crate::param::Group;
+use crate::routing::LoadStats;
+
+/// Floating-point type of a finite network: f32 for training, f64 for gradient checks.
+pub trait Real:
+    Float + FromPrimitive + LinalgScalar + ScalarOperand + Send + Sync + std::fmt::Debug + std::fmt::Display
+    + std::iter::Sum + serde::Serialize + 'static
+{
+    fn of(x: f64) -> Self {
+        Self::from_f64(x).expect("f64 converts to any Real")
+    }
+}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// One named parameter tensor.
+#[derive(Debug, Clone)]
+pub struct Param<F> {
+    /// Safetensors name, e.g. `blocks.0.moe.expert_up` (documented in the README).
+    pub name: String,
+    pub group: Group,
+    pub value: ArrayD<F>,
+}
+
+/// All parameters of a model, in a fixed order.
+#[derive(Debug, Clone, Default)]
+pub struct ParamStore<F> {
+    pub params: Vec<Param<F>>,
+}
+
+/// Gradients aligned with a [`ParamStore`] (same order, same shapes).
+pub type Grads<F> = Vec<ArrayD<F>>;
+
+impl<F: Real> ParamStore<F> {
+    pub fn push(&mut self, name: impl Into<String>, group: Group, value: ArrayD<F>) -> usize {
+        self.params.push(Param { name: name.into(), group, value });
+        self.params.len() - 1
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.params.iter().position(|p| p.name == name)
+    }
+
+    pub fn zeros_like(&self) -> Grads<F> {
+        self.params.iter().map(|p| ArrayD::zeros(p.value.raw_dim())).collect()
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.params.iter().map(|p| p.value.len()).sum()
+    }
+}
+
+/// A batch of training data.
+#[derive(Debug, Clone)]
+pub enum Batch {
+    /// Regression: inputs `x` (B x D) and targets `y` (B x outputs). Loss 0.5 * mean_B sum_out (f - y)^2.
+    Regression { x: ndarray::Array2<f64>, y: ndarray::Array2<f64> },
+    /// Next-token prediction: token ids (B x (T + 1)); inputs are `[.., ..T]`, targets `[.., 1..]`.
+    Tokens { ids: ndarray::Array2<u32> },
+}
+
+/// What one forward+backward pass returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput<F> {
+    /// Task loss (without auxiliary losses).
+    pub loss: f64,
+    /// Total auxiliary loss that was added to the objective (load balance, z-loss), already weighted.
+    pub aux_loss: f64,
+    /// Gradient of loss + aux_loss, aligned with the store.
+    pub grads: Grads<F>,
+    /// Routing load statistics per MoE layer, in block order.
+    pub load: Vec<LoadStats>,
+    /// Named scalar diagnostics (e.g. RMS of activations per group) for metrics and coordinate checks.
+    pub diagnostics: Vec<(String, f64)>,
+}
+
+/// A finite network: parameters plus an architecture that can run forward and backward.
+pub trait Model<F: Real>: Send + Sync {
+    fn store(&self) -> &ParamStore<F>;
+    fn store_mut(&mut self) -> &mut ParamStore<F>;
+    /// Forward and backward on `batch`. `rng` drives only routing randomness (random tie-breaking).
+    fn loss_and_grad(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> crate::Result<StepOutput<F>>;
+    /// Forward only: predictions (Regression: B x outputs; Tokens: loss only, predictions empty).
+    fn forward(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> crate::Result<(f64, ndarray::Array2<f64>)>;
+    /// Called by the trainer after each optimizer step, e.g. to update balancing biases from the loads.
+    fn after_step(&mut self, _load: &[LoadStats]) {}
+}
