@@ -97,3 +97,46 @@ pub trait Model<F: Real>: Send + Sync {
     /// Called by the trainer after each optimizer step, e.g. to update balancing biases from the loads.
     fn after_step(&mut self, _load: &[LoadStats]) {}
 }
+
+/// Pointwise nonlinearity of the expert hidden layer (and of synthetic teachers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Tanh,
+    Gelu,
+    Linear,
+}
+
+impl Activation {
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            Activation::Relu => x.max(0.0),
+            Activation::Tanh => x.tanh(),
+            Activation::Gelu => 0.5 * x * (1.0 + (0.7978845608028654 * (x + 0.044715 * x * x * x)).tanh()),
+            Activation::Linear => x,
+        }
+    }
+
+    /// Derivative with respect to the input.
+    pub fn derivative(self, x: f64) -> f64 {
+        match self {
+            Activation::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::Tanh => 1.0 - x.tanh().powi(2),
+            Activation::Gelu => {
+                let c = 0.7978845608028654;
+                let inner = c * (x + 0.044715 * x * x * x);
+                let t = inner.tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            Activation::Linear => 1.0,
+        }
+    }
+}
