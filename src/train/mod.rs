@@ -1,1 +1,5 @@
-//! train (being written).
+//! Training of finite networks: optimizers ([`optim`]), learning-rate schedules ([`schedule`]) and the
+//! training loop with its outputs (`config.toml`, `metrics.jsonl`, `summary.json`).
+
+pub mod optim;
+pub mod schedule;
