@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::param::Group;
 use crate::routing::LoadStats;
 
+pub mod attention;
 pub mod norm;
 
 /// Floating-point type of a finite network: f32 for training, f64 for gradient checks.
