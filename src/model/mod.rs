@@ -14,6 +14,7 @@ use crate::param::Group;
 use crate::routing::LoadStats;
 
 pub mod attention;
+pub mod moe;
 pub mod norm;
 
 /// Floating-point type of a finite network: f32 for training, f64 for gradient checks.
