@@ -10,6 +10,24 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod config;
+pub mod engine;
+pub mod format;
+pub mod presets;
+
+pub use config::{ParamConfig, Table};
+pub use engine::Form;
+
+/// Resolves `cfg` at `sizes` (the same as [`ParamConfig::resolve`]; handy in notebooks).
+pub fn table(cfg: &ParamConfig, sizes: &Sizes) -> crate::Result<Resolved> {
+    cfg.resolve(sizes)
+}
+
+/// The full table with exponents per axis (what `moe-dmft param` prints).
+pub fn full_table(cfg: &ParamConfig, sizes: &Sizes) -> crate::Result<Table> {
+    cfg.resolve_table(sizes)
+}
+
 /// Parameter groups; their names (see [`Group::name`]) are part of the public interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,0 +1,1 @@
+//! Renderings of a resolved [`super::Table`]: aligned text, JSON (SPEC §4), Markdown and PyTorch param groups.
