@@ -14,8 +14,11 @@ use crate::param::Group;
 use crate::routing::LoadStats;
 
 pub mod attention;
+pub mod gradcheck;
+pub mod io;
 pub mod moe;
 pub mod norm;
+pub mod resnet;
 
 /// Floating-point type of a finite network: f32 for training, f64 for gradient checks.
 pub trait Real:
