@@ -3,3 +3,5 @@
 
 pub mod optim;
 pub mod schedule;
+pub mod sweep;
+pub mod engine;
