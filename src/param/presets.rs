@@ -22,7 +22,7 @@ impl Preset {
     pub fn by_name(name: &str) -> crate::Result<Preset> {
         PRESETS.into_iter().find(|p| p.name == name).ok_or_else(|| {
             let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
-            crate::Error::invalid("param.preset", format!("unknown preset `{name}`; expected one of {}", names.join(", ")))
+            crate::Error::invalid("preset", format!("unknown preset `{name}`; expected one of {}", names.join(", ")))
         })
     }
 
