@@ -19,6 +19,7 @@ pub mod io;
 pub mod moe;
 pub mod norm;
 pub mod resnet;
+pub mod transformer;
 
 /// Floating-point type of a finite network: f32 for training, f64 for gradient checks.
 pub trait Real:
