@@ -3,3 +3,4 @@
 //! the CLI subcommands `coord-check`, `compare` and `figures` are thin layers over it.
 
 pub mod fit;
+pub mod coord;

@@ -1,0 +1,513 @@
+//! Coordinate checks: train a finite network at sizes spanning a decade along one axis, several seeds,
+//! fixed base hyperparameters and steps, and measure how per-group quantities scale with the axis:
+//! RMS of activations at initialization (`act.*`), RMS change after the steps (`delta.*`), and gradient
+//! RMS per parameter group at initialization (`grad.*`). Each quantity gets a log-log slope with its
+//! uncertainty, a finite-size fit `a + b * size^(-c)`, a predicted exponent and a verdict.
+//!
+//! The measurement itself (building and training a model at each size) lives in [`crate::check::run`];
+//! this file holds the result types, the predictions and the analysis, which need no model.
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::fit::{self, PowerLawFit, SlopeFit};
+use crate::param::presets::Preset;
+use crate::param::{Axis, Group, Optimizer, Resolved, Sizes, Table};
+use crate::{Error, Result};
+
+/// How the router is initialized in a coordinate check (SPEC §4 router-initialization ablation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterInit {
+    /// Whatever the parameterization says.
+    #[default]
+    Preset,
+    /// Like a hidden layer reading the residual stream: same init std and multiplier scaling as
+    /// `expert_up`, so router logits are Θ(1) at initialization at every width.
+    HiddenLike,
+    /// Like a readout: the hidden-like std divided by `sqrt(N/N0)`, so logits vanish like N^(-1/2).
+    ReadoutLike,
+    /// All zeros (ties at t = 0 broken at random).
+    Zero,
+}
+
+impl RouterInit {
+    pub const ALL: [RouterInit; 4] = [RouterInit::Preset, RouterInit::HiddenLike, RouterInit::ReadoutLike, RouterInit::Zero];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RouterInit::Preset => "preset",
+            RouterInit::HiddenLike => "hidden_like",
+            RouterInit::ReadoutLike => "readout_like",
+            RouterInit::Zero => "zero",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<RouterInit> {
+        RouterInit::ALL.into_iter().find(|r| r.name() == name)
+    }
+
+    /// Applies this choice to a resolved parameterization (router init std only; LR and multiplier are
+    /// the preset's, so the ablation isolates the initialization).
+    pub fn apply(self, hp: &mut Resolved) {
+        let hidden = {
+            let up = hp.get(Group::ExpertUp);
+            let router = hp.get(Group::Router);
+            // Match the logit scale a hidden layer would have: std * multiplier equal to expert_up's.
+            if router.multiplier != 0.0 {
+                up.init_std * up.multiplier / router.multiplier
+            } else {
+                up.init_std
+            }
+        };
+        let m_n = hp.sizes.width as f64 / hp.base.width as f64;
+        let std = match self {
+            RouterInit::Preset => return,
+            RouterInit::HiddenLike => hidden,
+            RouterInit::ReadoutLike => hidden / m_n.sqrt(),
+            RouterInit::Zero => 0.0,
+        };
+        if let Some(g) = hp.groups.iter_mut().find(|g| g.group == Group::Router) {
+            g.init_std = std;
+        }
+    }
+}
+
+/// The sizes at `value` along `axis`, starting from `base`:
+/// `width` sets N = value and n = value * n0 / N0 (n/N fixed, so `N/(k n)` never grows);
+/// `depth` sets L; `experts` sets M = value and k = value * kappa (must be an integer);
+/// `expert_hidden` sets n at fixed N.
+pub fn sizes_along(base: &Sizes, axis: Axis, value: usize) -> Result<Sizes> {
+    if value == 0 {
+        return Err(Error::invalid("coord.sizes", "must be positive"));
+    }
+    let mut s = *base;
+    match axis {
+        Axis::Width => {
+            let n = value as f64 * base.expert_hidden as f64 / base.width as f64;
+            if n.fract() != 0.0 || n < 1.0 {
+                return Err(Error::invalid(
+                    "coord.sizes",
+                    format!("width {value} does not give an integer expert_hidden at n/N = {}/{}", base.expert_hidden, base.width),
+                ));
+            }
+            s.width = value;
+            s.expert_hidden = n as usize;
+        }
+        Axis::Depth => s.depth = value,
+        Axis::Experts => {
+            let k = value as f64 * base.kappa();
+            if (k - k.round()).abs() > 1e-9 || k.round() < 1.0 {
+                return Err(Error::invalid(
+                    "coord.sizes",
+                    format!("experts {value} at kappa = {} does not give an integer k >= 1", base.kappa()),
+                ));
+            }
+            s.experts = value;
+            s.active = k.round() as usize;
+        }
+        Axis::ExpertHidden => s.expert_hidden = value,
+    }
+    Ok(s)
+}
+
+/// The value of `axis` in `s` (the x of the fits).
+pub fn axis_value(s: &Sizes, axis: Axis) -> usize {
+    match axis {
+        Axis::Width => s.width,
+        Axis::Depth => s.depth,
+        Axis::Experts => s.experts,
+        Axis::ExpertHidden => s.expert_hidden,
+    }
+}
+
+/// How a measured exponent compares with its prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Within the tolerance (or two standard errors) of the prediction.
+    Agrees,
+    /// Predicted Θ(1); the slope is off, but the finite-size fit has a non-zero limit `a`: the
+    /// deviation is a correction that vanishes at the fitted rate `c`.
+    FiniteSize,
+    Disagrees,
+    /// No prediction for this preset/axis/quantity: measured only.
+    Measured,
+    /// The quantity is zero (e.g. router logits of a zero-initialized router): nothing to fit.
+    Zero,
+}
+
+/// The measurement and fits of one quantity along the axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantityResult {
+    pub name: String,
+    /// values[seed][size].
+    pub values: Vec<Vec<f64>>,
+    /// Seed mean and standard error at each size.
+    pub mean: Vec<f64>,
+    pub sem: Vec<f64>,
+    pub predicted: Option<f64>,
+    pub slope: Option<SlopeFit>,
+    pub finite_size: Option<PowerLawFit>,
+    pub verdict: Verdict,
+}
+
+/// What a coordinate check was asked to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordSpec {
+    pub axis: Axis,
+    pub preset: String,
+    pub optimizer: Optimizer,
+    /// Values along the axis (N, L, M or n).
+    pub values: Vec<usize>,
+    pub seeds: usize,
+    pub steps: usize,
+    /// Base learning rate (multiplies every group's LR).
+    pub lr: f64,
+    pub base: Sizes,
+    pub router_init: RouterInit,
+    /// Tolerance on |measured - predicted| slope.
+    pub tolerance: f64,
+}
+
+impl CoordSpec {
+    pub fn validate(&self) -> Result<()> {
+        if self.values.len() < 2 {
+            return Err(Error::invalid("coord.sizes", "needs at least 2 sizes"));
+        }
+        if self.values.windows(2).any(|w| w[1] <= w[0]) {
+            return Err(Error::invalid("coord.sizes", "must be strictly increasing"));
+        }
+        if self.seeds == 0 {
+            return Err(Error::invalid("coord.seeds", "must be at least 1"));
+        }
+        if self.steps == 0 {
+            return Err(Error::invalid("coord.steps", "must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::invalid("coord.lr", "must be finite and positive"));
+        }
+        if !(self.tolerance.is_finite() && self.tolerance > 0.0) {
+            return Err(Error::invalid("coord.tolerance", "must be finite and positive"));
+        }
+        for v in &self.values {
+            sizes_along(&self.base, self.axis, *v)?;
+        }
+        Ok(())
+    }
+
+    /// Ratio of the largest to the smallest size.
+    pub fn span(&self) -> f64 {
+        match (self.values.first(), self.values.last()) {
+            (Some(a), Some(b)) => *b as f64 / *a as f64,
+            _ => 1.0,
+        }
+    }
+}
+
+/// The result of one coordinate check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoordResult {
+    pub spec: CoordSpec,
+    pub sizes: Vec<Sizes>,
+    pub quantities: Vec<QuantityResult>,
+}
+
+impl CoordResult {
+    pub fn get(&self, name: &str) -> Option<&QuantityResult> {
+        self.quantities.iter().find(|q| q.name == name)
+    }
+
+    /// A short label: `preset/optimizer/axis[/router_init]`.
+    pub fn label(&self) -> String {
+        let mut s = format!("{}/{}/{}", self.spec.preset, optimizer_name(self.spec.optimizer), self.spec.axis.name());
+        if self.spec.router_init != RouterInit::Preset {
+            s.push('/');
+            s.push_str(self.spec.router_init.name());
+        }
+        s
+    }
+
+    /// Markdown table: quantity, predicted, measured slope ± err, finite-size fit, verdict.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "{} — sizes {:?}, {} seeds, {} steps, lr {}\n\n",
+            self.label(),
+            self.spec.values,
+            self.spec.seeds,
+            self.spec.steps,
+            self.spec.lr
+        ));
+        out.push_str("| quantity | predicted | measured slope | a + b x^-c: a (limit) | c | verdict |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- |\n");
+        for q in &self.quantities {
+            let pred = q.predicted.map(|p| format!("{p:+.2}")).unwrap_or_else(|| "—".into());
+            let slope = q.slope.map(|s| format!("{:+.3} ± {:.3}", s.slope, s.err)).unwrap_or_else(|| "—".into());
+            let (a, c) = match &q.finite_size {
+                Some(f) => (format!("{:.3e} ± {:.1e}", f.a, f.a_err), format!("{:.2} ± {:.2}", f.c, f.c_err)),
+                None => ("—".into(), "—".into()),
+            };
+            out.push_str(&format!("| {} | {} | {} | {} | {} | {} |\n", q.name, pred, slope, a, c, verdict_name(q.verdict)));
+        }
+        out
+    }
+}
+
+pub fn optimizer_name(o: Optimizer) -> &'static str {
+    match o {
+        Optimizer::Sgd => "sgd",
+        Optimizer::Adam => "adam",
+    }
+}
+
+pub fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Agrees => "agrees",
+        Verdict::FiniteSize => "finite-size correction",
+        Verdict::Disagrees => "DISAGREES",
+        Verdict::Measured => "measured",
+        Verdict::Zero => "zero",
+    }
+}
+
+/// Predicted log-log slope of `quantity` along `spec.axis`; `table` is the engine's full table (with
+/// exponents) for the checked preset.
+///
+/// The desiderata of SPEC §4 predict Θ(1) changes (`delta.*`, slope 0) along every axis the preset
+/// claims to scale (the engine's own list: `moe-completep` all four, `completep` width and depth, `mup`
+/// width). Activations at initialization are Θ(1) except: the output `f` of a muP-style readout
+/// (multiplier 1/mN) vanishes like N^(-1/2) along width, a readout-like router's logits likewise, and the
+/// MoE output at initialization is an average of k independent random experts, so it vanishes like
+/// k^(-1/2) along `experts`. Gradient RMS per group is the engine's own prediction (its `grad_rms`
+/// exponents, which set Adam epsilon).
+///
+/// For the presets that ignore an axis, power counting gives the violations under Adam, where every
+/// entry moves by Θ(lr): a layer whose fan-in grows like the axis and whose LR does not shrink changes
+/// its output like the axis (slope 1): router logits and expert preactivations along width under `sp`,
+/// the MoE output along `expert_hidden` under `sp` and `mup` (whose expert_down init also ignores n, so
+/// its output at init grows like sqrt(n)); without a 1/L branch multiplier the residual stream at
+/// initialization grows like sqrt(L) and its change like L along depth (`sp`, `mup`).
+pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Option<f64> {
+    let preset = spec.preset.as_str();
+    let axis = spec.axis;
+    if let Some(group) = quantity.strip_prefix("grad.") {
+        return table.row(group).map(|r| r.grad_rms.get(axis));
+    }
+    let scaled = Preset::by_name(preset).map(|p| p.scales(axis)).unwrap_or(false);
+    let router_readout = matches!(spec.router_init, RouterInit::ReadoutLike)
+        || (spec.router_init == RouterInit::Preset && matches!(preset, "moe-completep"));
+    if scaled {
+        return match quantity {
+            "act.output" if axis == Axis::Width => Some(-0.5),
+            "act.router_logits" if axis == Axis::Width && router_readout => Some(-0.5),
+            "act.moe_out" if axis == Axis::Experts => Some(-0.5),
+            q if q.starts_with("act.") || q.starts_with("delta.") => Some(0.0),
+            _ => None,
+        };
+    }
+    if spec.optimizer != Optimizer::Adam {
+        return None;
+    }
+    match (preset, axis, quantity) {
+        ("sp", Axis::Width, "delta.router_logits" | "delta.expert_pre") => Some(1.0),
+        ("sp" | "mup", Axis::ExpertHidden, "delta.moe_out") => Some(1.0),
+        ("mup", Axis::ExpertHidden, "act.moe_out") => Some(0.5),
+        ("sp" | "mup", Axis::Depth, "act.residual") => Some(0.5),
+        ("sp" | "mup", Axis::Depth, "delta.residual") => Some(1.0),
+        _ => None,
+    }
+}
+
+/// Fits and judges every quantity. `values[q][seed][size]` are the measurements of `names[q]`; `table`
+/// is the engine's table of the checked preset (for its predicted exponents).
+pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, table: &Table) -> Result<Vec<QuantityResult>> {
+    let x: Vec<f64> = spec.values.iter().map(|v| *v as f64).collect();
+    let mut out = Vec::with_capacity(names.len());
+    for (name, vals) in names.iter().zip(values) {
+        let per_size: Vec<(f64, f64)> =
+            (0..x.len()).map(|i| fit::mean_and_sem(&vals.iter().map(|s| s[i]).collect::<Vec<_>>())).collect();
+        let mean: Vec<f64> = per_size.iter().map(|p| p.0).collect();
+        let sem: Vec<f64> = per_size.iter().map(|p| p.1).collect();
+        let predicted = predicted_slope(spec, name, table);
+        let positive = vals.iter().all(|s| s.iter().all(|v| v.is_finite() && *v > 0.0));
+        let scale = mean.iter().map(|m| m.abs()).fold(0.0, f64::max);
+        // Quantities at rounding level (e.g. logits of a zero router, 1e-300-ish) are reported as zero.
+        if !positive || scale < 1e-12 {
+            out.push(QuantityResult {
+                name: name.clone(),
+                values: vals,
+                mean,
+                sem,
+                predicted,
+                slope: None,
+                finite_size: None,
+                verdict: Verdict::Zero,
+            });
+            continue;
+        }
+        let slope = fit::loglog_slope_seeds(&x, &vals, 200, 0x5eed)?;
+        let finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &mean, Some(&sem)).ok() } else { None };
+        let verdict = match predicted {
+            None => Verdict::Measured,
+            Some(p) => {
+                let d = (slope.slope - p).abs();
+                if d <= spec.tolerance || d <= 2.0 * slope.err {
+                    Verdict::Agrees
+                } else if p == 0.0
+                    && finite_size.is_some_and(|f| f.a_nonzero && f.a > 0.0 && f.c > 0.05 && f.c_err.is_finite())
+                {
+                    Verdict::FiniteSize
+                } else {
+                    Verdict::Disagrees
+                }
+            }
+        };
+        out.push(QuantityResult { name: name.clone(), values: vals, mean, sem, predicted, slope: Some(slope), finite_size, verdict });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::param::GroupHp;
+
+    fn base() -> Sizes {
+        Sizes { width: 64, depth: 2, experts: 8, active: 2, expert_hidden: 32 }
+    }
+
+    fn resolved(sizes: Sizes, eps: f64) -> Resolved {
+        let row = |group, init_std, multiplier| GroupHp {
+            group,
+            init_std,
+            multiplier,
+            lr: 1.0,
+            adam_eps: Some(eps),
+            weight_decay: 0.0,
+        };
+        Resolved {
+            preset: "moe-completep".into(),
+            optimizer: Optimizer::Adam,
+            sizes,
+            base: base(),
+            residual_multiplier: 1.0,
+            groups: vec![row(Group::ExpertUp, 0.5, 1.0), row(Group::Router, 0.1, 2.0)],
+        }
+    }
+
+    fn spec(axis: Axis, values: Vec<usize>) -> CoordSpec {
+        CoordSpec {
+            axis,
+            preset: "moe-completep".into(),
+            optimizer: Optimizer::Adam,
+            values,
+            seeds: 3,
+            steps: 3,
+            lr: 0.01,
+            base: base(),
+            router_init: RouterInit::Preset,
+            tolerance: 0.15,
+        }
+    }
+
+    #[test]
+    fn sizes_along_axes() {
+        let b = base();
+        let w = sizes_along(&b, Axis::Width, 256).unwrap();
+        assert_eq!((w.width, w.expert_hidden), (256, 128));
+        let e = sizes_along(&b, Axis::Experts, 32).unwrap();
+        assert_eq!((e.experts, e.active), (32, 8));
+        assert!(sizes_along(&b, Axis::Experts, 6).is_err());
+        assert!(sizes_along(&b, Axis::Width, 3).is_err());
+        assert_eq!(sizes_along(&b, Axis::ExpertHidden, 7).unwrap().expert_hidden, 7);
+        assert_eq!(sizes_along(&b, Axis::Depth, 16).unwrap().depth, 16);
+    }
+
+    #[test]
+    fn router_init_ablation_scales() {
+        let mut small = resolved(base(), 1.0);
+        RouterInit::HiddenLike.apply(&mut small);
+        assert!((small.get(Group::Router).init_std - 0.25).abs() < 1e-12);
+        let mut big = resolved(sizes_along(&base(), Axis::Width, 256).unwrap(), 1.0);
+        RouterInit::ReadoutLike.apply(&mut big);
+        assert!((big.get(Group::Router).init_std - 0.125).abs() < 1e-12);
+        RouterInit::Zero.apply(&mut big);
+        assert_eq!(big.get(Group::Router).init_std, 0.0);
+    }
+
+    fn table(preset: &str) -> Table {
+        let cfg = crate::param::ParamConfig {
+            preset: preset.into(),
+            optimizer: Optimizer::Adam,
+            base: Some(base()),
+            ..Default::default()
+        };
+        cfg.resolve_table(&base()).unwrap()
+    }
+
+    #[test]
+    fn analysis_judges_slopes() {
+        let s = spec(Axis::Width, vec![64, 128, 256, 512]);
+        let t = table("moe-completep");
+        let g = t.row("expert_up").unwrap().grad_rms.width;
+        let names: Vec<String> = ["delta.residual", "delta.expert_pre", "grad.expert_up", "act.router_logits"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let x = [64.0f64, 128.0, 256.0, 512.0];
+        let seeds = |f: &dyn Fn(f64) -> f64| -> Vec<Vec<f64>> {
+            (0..3).map(|k| x.iter().map(|&v| f(v) * (1.0 + 0.01 * k as f64)).collect()).collect()
+        };
+        let values =
+            vec![seeds(&|_| 0.3), seeds(&|v| v / 64.0), seeds(&|v| (v / 64.0).powf(g)), vec![vec![0.0; 4]; 3]];
+        let r = analyze(&s, &names, values, &t).unwrap();
+        assert_eq!(r[0].verdict, Verdict::Agrees);
+        assert_eq!(r[1].verdict, Verdict::Disagrees);
+        assert!((r[1].slope.unwrap().slope - 1.0).abs() < 1e-9);
+        assert_eq!(r[2].predicted, Some(g));
+        assert_eq!(r[2].verdict, Verdict::Agrees);
+        assert_eq!(r[3].verdict, Verdict::Zero);
+        let res = CoordResult { spec: s, sizes: vec![], quantities: r };
+        let md = res.table();
+        assert!(md.contains("DISAGREES") && md.contains("delta.residual"));
+    }
+
+    #[test]
+    fn presets_predict_violations_only_on_ignored_axes() {
+        let mut s = spec(Axis::Width, vec![64, 512]);
+        s.preset = "sp".into();
+        let t = table("sp");
+        assert_eq!(predicted_slope(&s, "delta.router_logits", &t), Some(1.0));
+        s.preset = "mup".into();
+        assert_eq!(predicted_slope(&s, "delta.router_logits", &t), Some(0.0));
+        s.axis = Axis::Depth;
+        assert_eq!(predicted_slope(&s, "delta.residual", &t), Some(1.0));
+        s.preset = "moe-completep".into();
+        assert_eq!(predicted_slope(&s, "delta.residual", &t), Some(0.0));
+    }
+
+    #[test]
+    fn finite_size_verdict() {
+        let s = spec(Axis::Experts, vec![4, 8, 16, 32, 64]);
+        let names = vec!["delta.moe_out".to_string()];
+        let x = [4.0f64, 8.0, 16.0, 32.0, 64.0];
+        let vals: Vec<Vec<f64>> =
+            (0..3).map(|k| x.iter().map(|v| 0.2 + 0.8 * v.powf(-0.5) + 0.001 * k as f64).collect()).collect();
+        let r = analyze(&s, &names, vec![vals], &table("moe-completep")).unwrap();
+        assert_eq!(r[0].verdict, Verdict::FiniteSize, "{:?}", r[0]);
+        let f = r[0].finite_size.unwrap();
+        assert!((f.c - 0.5).abs() < 0.05 && (f.a - 0.201).abs() < 0.01, "{f:?}");
+    }
+
+    #[test]
+    fn spec_validation() {
+        let mut s = spec(Axis::Width, vec![64, 128]);
+        assert!(s.validate().is_ok());
+        s.values = vec![128, 64];
+        assert!(s.validate().is_err());
+        s.values = vec![64, 128];
+        s.lr = f64::NAN;
+        assert!(s.validate().is_err());
+    }
+}
