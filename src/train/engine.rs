@@ -117,7 +117,8 @@ pub struct StepRecord {
 
 /// Called by the loop; the CLI's implementation drives a progress bar, [`super::MetricsFile`] writes
 /// `metrics.jsonl`.
-pub trait Observer {
+/// Observers are `Send` because the run executes inside its own rayon pool.
+pub trait Observer: Send {
     fn start(&mut self, _steps: usize) {}
     /// Called once per record, in step order; an error stops the run (e.g. a full disk).
     fn observe(&mut self, _record: &StepRecord) -> crate::Result<()> {
