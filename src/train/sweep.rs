@@ -1,0 +1,1119 @@
+//! Resumable, sharded hyperparameter sweeps: a grid over sizes along one axis x learning rate (x presets,
+//! seeds, optionally init scales) around a base training config, run point by point with each result
+//! written atomically, then aggregated into a summary table, optimum-LR fits and figures.
+//!
+//! Layout of a sweep's output folder `DIR`:
+//! - `DIR/sweep.toml`: the sweep config of the first run into `DIR`; a later run with a different `[base]`
+//!   is refused (its results would not be comparable), while the grid may grow.
+//! - `DIR/runs/<id>/`: one finished grid point: `result.json` (the sweep's record, [`RunRecord`]) beside
+//!   whatever the runner wrote (the trainer's `config.toml`, `metrics.jsonl`, `summary.json`). A point
+//!   runs in `DIR/runs/.partial/<id>.<pid>/` and that folder is renamed to `DIR/runs/<id>` only when its
+//!   record is complete, so a point is done iff `DIR/runs/<id>/result.json` exists: a killed sweep loses
+//!   only the point in flight and a rerun repeats no finished point.
+//! - `DIR/summary.json`, `DIR/summary.md`: aggregated from whatever records exist (any shard may write
+//!   them; each write is atomic and covers every record present at that time).
+//!
+//! Sharding: points are enumerated in a fixed order (presets, sizes, init scales, seeds, LRs, each in
+//! config order) and shard `i/n` takes the points whose index is `i` modulo `n`, so the shards of a job
+//! array partition the grid without talking to each other.
+
+pub mod analysis;
+pub mod figures;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::param::Axis;
+use crate::{Error, Result};
+use analysis::{Drift, LrPoint, Optimum};
+
+/// A sweep: a base training config and the grid laid over it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// The training config every grid point starts from (the trainer's TOML: seed, threads, steps,
+    /// `[model]`, `[param]`, `[optim]`, `[data]`). The grid overrides the fields it sweeps.
+    pub base: toml::Table,
+    pub grid: Grid,
+    #[serde(default)]
+    pub analysis: AnalysisConfig,
+}
+
+/// What is swept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    /// The size axis: `width` (N, with expert_hidden scaled along at fixed n/N), `depth` (L), `experts`
+    /// (M, with active k scaled along at fixed kappa) or `expert_hidden` (n at fixed N).
+    pub axis: Axis,
+    /// Sizes along the axis (N, L, M or n).
+    pub sizes: Vec<usize>,
+    /// log2 of the base learning rate (the LR the parameterization scales per group).
+    pub lr_log2: Vec<f64>,
+    /// Parameterization presets, e.g. `moe-completep`, `sp`, `mup`.
+    pub presets: Vec<String>,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Optional init scales (written to `[param] sigma`, the init std constant of every weight matrix);
+    /// empty keeps the base's.
+    #[serde(default)]
+    pub init_scales: Vec<f64>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// Which loss the optimum is taken on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Final validation loss (language modelling: held-out text).
+    #[default]
+    ValLoss,
+    /// Final training loss (tasks without a validation split).
+    TrainLoss,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ValLoss => "val_loss",
+            Metric::TrainLoss => "train_loss",
+        }
+    }
+}
+
+/// How results are analysed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisConfig {
+    pub metric: Metric,
+    /// Half-width (log2 units) of the LR window around the best grid point that the parabola is fitted on.
+    pub window: f64,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig { metric: Metric::ValLoss, window: 2.0 }
+    }
+}
+
+/// One point of the grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridPoint {
+    /// Position in the fixed enumeration order (decides the shard).
+    pub index: usize,
+    pub preset: String,
+    pub axis: Axis,
+    pub size: usize,
+    pub lr_log2: f64,
+    pub seed: u64,
+    pub init_scale: Option<f64>,
+}
+
+impl GridPoint {
+    /// Stable, readable identifier: the folder name of the point's results. It depends only on the point's
+    /// values, not on its index, so growing the grid keeps finished points finished.
+    pub fn id(&self) -> String {
+        let mut id = format!(
+            "{}-{}{:05}-lr{:+08.3}-s{}",
+            self.preset,
+            self.axis.name(),
+            self.size,
+            self.lr_log2,
+            self.seed
+        );
+        if let Some(s) = self.init_scale {
+            id.push_str(&format!("-init{s:.4}"));
+        }
+        id
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.lr_log2.exp2()
+    }
+}
+
+/// Where the grid's values go in the trainer's TOML ([`crate::train::TrainConfig`]). One place, so a
+/// renamed trainer field is one edit.
+mod keys {
+    pub const SEED: &[&str] = &["seed"];
+    pub const PRESET: &[&str] = &["param", "preset"];
+    pub const LR: &[&str] = &["param", "lr"];
+    /// Sizes the parameterization was tuned at: must be fixed across the grid, or nothing scales.
+    pub const PARAM_BASE: &[&str] = &["param", "base"];
+    pub const INIT_SCALE: &[&str] = &["param", "sigma"];
+    pub const WIDTH: &[&str] = &["model", "sizes", "width"];
+    pub const DEPTH: &[&str] = &["model", "sizes", "depth"];
+    pub const EXPERTS: &[&str] = &["model", "sizes", "experts"];
+    pub const ACTIVE: &[&str] = &["model", "sizes", "active"];
+    pub const EXPERT_HIDDEN: &[&str] = &["model", "sizes", "expert_hidden"];
+}
+
+fn get<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut t = table;
+    for p in parents {
+        t = t.get(*p)?.as_table()?;
+    }
+    t.get(*last)
+}
+
+fn set(table: &mut toml::Table, path: &[&str], value: toml::Value) -> Result<()> {
+    let Some((last, parents)) = path.split_last() else {
+        return Ok(());
+    };
+    let mut t = table;
+    for p in parents {
+        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::invalid(format!("base.{}", path.join(".")), format!("`{p}` must be a table")))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn base_size(base: &toml::Table, path: &[&str]) -> Result<usize> {
+    let field = format!("base.{}", path.join("."));
+    let v = get(base, path).ok_or_else(|| Error::invalid(&field, "must be set: the sweep scales it"))?;
+    v.as_integer()
+        .filter(|&x| x > 0)
+        .map(|x| x as usize)
+        .ok_or_else(|| Error::invalid(&field, "must be a positive integer"))
+}
+
+fn to_toml_int(x: usize) -> toml::Value {
+    toml::Value::Integer(x as i64)
+}
+
+impl SweepConfig {
+    /// Reads a sweep config from TOML (unknown keys rejected).
+    pub fn from_file(path: &Path) -> Result<SweepConfig> {
+        let cfg: SweepConfig = crate::cli::read_toml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let g = &self.grid;
+        if g.sizes.is_empty() {
+            return Err(Error::invalid("grid.sizes", "must list at least one size"));
+        }
+        if g.sizes.contains(&0) {
+            return Err(Error::invalid("grid.sizes", "sizes must be positive"));
+        }
+        if g.lr_log2.is_empty() {
+            return Err(Error::invalid("grid.lr_log2", "must list at least one log2 learning rate"));
+        }
+        if g.lr_log2.iter().any(|x| !x.is_finite()) {
+            return Err(Error::invalid("grid.lr_log2", "values must be finite"));
+        }
+        if g.presets.is_empty() {
+            return Err(Error::invalid("grid.presets", "must list at least one preset"));
+        }
+        if g.seeds.is_empty() {
+            return Err(Error::invalid("grid.seeds", "must list at least one seed"));
+        }
+        if g.init_scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::invalid("grid.init_scales", "values must be finite and positive"));
+        }
+        if get(&self.base, keys::PARAM_BASE).is_none() {
+            return Err(Error::invalid(
+                format!("base.{}", keys::PARAM_BASE.join(".")),
+                "must be set (the sizes the HPs are tuned at): without it every size is its own base and no \
+                 preset scales anything",
+            ));
+        }
+        if !(self.analysis.window.is_finite() && self.analysis.window > 0.0) {
+            return Err(Error::invalid("analysis.window", "must be finite and positive (log2 units)"));
+        }
+        // Two points with one id would share a result folder.
+        let points = self.enumerate();
+        let mut ids = std::collections::HashSet::new();
+        for p in &points {
+            if !ids.insert(p.id()) {
+                return Err(Error::invalid(
+                    "grid",
+                    format!("duplicate grid point `{}` (repeated value, or LRs closer than 0.001 in log2)", p.id()),
+                ));
+            }
+        }
+        for p in &points {
+            self.point_config(p)?;
+        }
+        Ok(())
+    }
+
+    fn enumerate(&self) -> Vec<GridPoint> {
+        let g = &self.grid;
+        let scales: Vec<Option<f64>> =
+            if g.init_scales.is_empty() { vec![None] } else { g.init_scales.iter().map(|&s| Some(s)).collect() };
+        let mut points = Vec::new();
+        for preset in &g.presets {
+            for &size in &g.sizes {
+                for &init_scale in &scales {
+                    for &seed in &g.seeds {
+                        for &lr_log2 in &g.lr_log2 {
+                            points.push(GridPoint {
+                                index: points.len(),
+                                preset: preset.clone(),
+                                axis: g.axis,
+                                size,
+                                lr_log2,
+                                seed,
+                                init_scale,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        points
+    }
+
+    /// All grid points in the fixed order that sharding uses.
+    pub fn points(&self) -> Result<Vec<GridPoint>> {
+        self.validate()?;
+        Ok(self.enumerate())
+    }
+
+    /// The training config of one point: the base with the point's preset, LR, seed, init scale and sizes.
+    /// Along `width` the expert hidden size follows at the base's ratio n/N, and along `experts` the active
+    /// count follows at the base's kappa; both must come out integer.
+    pub fn point_config(&self, p: &GridPoint) -> Result<toml::Table> {
+        let mut t = self.base.clone();
+        set(&mut t, keys::SEED, toml::Value::Integer(p.seed as i64))?;
+        set(&mut t, keys::PRESET, toml::Value::String(p.preset.clone()))?;
+        set(&mut t, keys::LR, toml::Value::Float(p.lr()))?;
+        if let Some(s) = p.init_scale {
+            set(&mut t, keys::INIT_SCALE, toml::Value::Float(s))?;
+        }
+        match p.axis {
+            Axis::Width => {
+                let (n0, h0) = (base_size(&self.base, keys::WIDTH)?, base_size(&self.base, keys::EXPERT_HIDDEN)?);
+                if (p.size * h0) % n0 != 0 {
+                    return Err(Error::invalid(
+                        "grid.sizes",
+                        format!("width {} keeps expert_hidden/width = {h0}/{n0} only if {} is integer", p.size, p.size as f64 * h0 as f64 / n0 as f64),
+                    ));
+                }
+                set(&mut t, keys::WIDTH, to_toml_int(p.size))?;
+                set(&mut t, keys::EXPERT_HIDDEN, to_toml_int(p.size * h0 / n0))?;
+            }
+            Axis::Depth => set(&mut t, keys::DEPTH, to_toml_int(p.size))?,
+            Axis::Experts => {
+                let (m0, k0) = (base_size(&self.base, keys::EXPERTS)?, base_size(&self.base, keys::ACTIVE)?);
+                if (p.size * k0) % m0 != 0 {
+                    return Err(Error::invalid(
+                        "grid.sizes",
+                        format!("experts {} at kappa = {k0}/{m0} gives a non-integer active count {}", p.size, p.size as f64 * k0 as f64 / m0 as f64),
+                    ));
+                }
+                set(&mut t, keys::EXPERTS, to_toml_int(p.size))?;
+                set(&mut t, keys::ACTIVE, to_toml_int(p.size * k0 / m0))?;
+            }
+            Axis::ExpertHidden => set(&mut t, keys::EXPERT_HIDDEN, to_toml_int(p.size))?,
+        }
+        Ok(t)
+    }
+}
+
+/// One shard of a sweep: `index` of `count` (written `i/n`, 0-based, as Slurm's `SLURM_ARRAY_TASK_ID`
+/// and Kubernetes' `JOB_COMPLETION_INDEX` count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl Shard {
+    pub fn new(index: usize, count: usize) -> Result<Shard> {
+        if count == 0 {
+            return Err(Error::invalid("shard", "the shard count n in i/n must be at least 1"));
+        }
+        if index >= count {
+            return Err(Error::invalid("shard", format!("index {index} must be below the count {count} (0-based i/n)")));
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn takes(&self, point: &GridPoint) -> bool {
+        point.index % self.count == self.index
+    }
+}
+
+impl FromStr for Shard {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Shard> {
+        let bad = || Error::invalid("shard", format!("`{s}` is not of the form i/n (e.g. 0/4)"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        Shard::new(i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?)
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Ok,
+    /// The loss became NaN or infinite; the run stopped there.
+    Diverged,
+}
+
+/// What a runner reports for one grid point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: RunStatus,
+    pub train_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    /// Optimizer steps taken (fewer than configured when the run diverged).
+    pub steps: usize,
+    /// Training tokens (or samples) seen.
+    pub tokens: Option<u64>,
+    /// Anything else the runner wants kept (e.g. the trainer's summary).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+/// Runs one grid point. The sweep machinery is generic over it so that it can be tested on synthetic
+/// objectives and reused with any trainer.
+pub trait PointRunner: Sync {
+    /// Rejects a point's config before anything runs (so a typo fails the sweep at once, not after hours).
+    fn check(&self, _config: &toml::Table) -> Result<()> {
+        Ok(())
+    }
+    /// Trains the point with `config`, writing any outputs into `dir` (an empty folder). Divergence is
+    /// reported as `Ok` with [`RunStatus::Diverged`] (or as [`Error::Diverged`]); other errors mark the
+    /// point failed: it gets no record and the next sweep run retries it.
+    fn run(&self, point: &GridPoint, config: &toml::Table, dir: &Path) -> Result<Outcome>;
+}
+
+impl<F> PointRunner for F
+where
+    F: Fn(&GridPoint, &toml::Table, &Path) -> Result<Outcome> + Sync,
+{
+    fn run(&self, point: &GridPoint, config: &toml::Table, dir: &Path) -> Result<Outcome> {
+        self(point, config, dir)
+    }
+}
+
+/// Runs grid points with the crate's trainer ([`crate::train::train`]): each point's outputs
+/// (`config.toml`, `metrics.jsonl`, `summary.json`) land in its folder, and the trainer's summary is kept
+/// in the record's `detail`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainRunner;
+
+impl TrainRunner {
+    fn parse(config: &toml::Table) -> Result<super::TrainConfig> {
+        let cfg: super::TrainConfig = toml::Value::Table(config.clone())
+            .try_into()
+            .map_err(|e| Error::invalid("base", format!("not a valid train config: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl PointRunner for TrainRunner {
+    fn check(&self, config: &toml::Table) -> Result<()> {
+        let cfg = Self::parse(config)?;
+        // Resolving the parameterization catches sizes a preset rejects (e.g. k > M) before any run.
+        cfg.resolve().map(|_| ())
+    }
+
+    fn run(&self, _point: &GridPoint, config: &toml::Table, dir: &Path) -> Result<Outcome> {
+        let cfg = Self::parse(config)?;
+        let summary = super::train(&cfg, Some(dir), &mut super::NoObserver)?;
+        let status = match summary.status {
+            super::Status::Ok => RunStatus::Ok,
+            super::Status::Diverged => RunStatus::Diverged,
+        };
+        let steps = summary.diverged_at.unwrap_or(summary.steps);
+        let tokens = match (&cfg.model, cfg.optim.batch_size) {
+            (super::ModelConfig::Transformer(m), Some(b)) => Some((steps * b * m.seq_len) as u64),
+            _ => None,
+        };
+        Ok(Outcome {
+            status,
+            train_loss: summary.final_loss,
+            val_loss: summary.final_val_loss,
+            steps,
+            tokens,
+            detail: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
+        })
+    }
+}
+
+/// The record of one finished grid point (`DIR/runs/<id>/result.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub point: GridPoint,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// Wall time of the run in seconds.
+    pub wall_s: f64,
+    /// Shard that ran it and its process id (for tracing a result to a job log).
+    pub shard: Shard,
+    pub pid: u32,
+}
+
+impl RunRecord {
+    pub fn metric(&self, metric: Metric) -> Option<f64> {
+        match self.outcome.status {
+            RunStatus::Diverged => None,
+            RunStatus::Ok => match metric {
+                Metric::ValLoss => self.outcome.val_loss,
+                Metric::TrainLoss => self.outcome.train_loss,
+            },
+        }
+    }
+}
+
+/// What one invocation of [`run_sweep`] did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepReport {
+    pub grid_points: usize,
+    pub in_shard: usize,
+    /// Points of this shard already done before this invocation (or finished meanwhile by another process).
+    pub skipped: usize,
+    pub ran: usize,
+    pub diverged: usize,
+    /// (id, error) of points that failed with an error other than divergence; they have no record.
+    pub failed: Vec<(String, String)>,
+    pub wall_s: f64,
+}
+
+pub fn runs_dir(out: &Path) -> PathBuf {
+    out.join("runs")
+}
+
+/// The record file of a point; the point is done iff it exists.
+pub fn record_path(out: &Path, point: &GridPoint) -> PathBuf {
+    runs_dir(out).join(point.id()).join("result.json")
+}
+
+pub fn is_done(out: &Path, point: &GridPoint) -> bool {
+    record_path(out, point).is_file()
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Write { path: path.to_path_buf(), source }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers see the
+/// old file or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
+    f.write_all(bytes).map_err(write_err(&tmp))?;
+    f.sync_all().map_err(write_err(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(write_err(path))
+}
+
+/// Checks `DIR/sweep.toml` against `cfg` (same `[base]` required) or writes it on the first run.
+fn check_manifest(cfg: &SweepConfig, out: &Path) -> Result<()> {
+    let path = out.join("sweep.toml");
+    if path.is_file() {
+        let old: SweepConfig = crate::cli::read_toml(&path)?;
+        if old.base != cfg.base {
+            return Err(Error::invalid(
+                "base",
+                format!(
+                    "{} holds results of a sweep with a different [base] config (see {}); use a new --out",
+                    out.display(),
+                    path.display()
+                ),
+            ));
+        }
+        if old == *cfg {
+            return Ok(());
+        }
+    }
+    let text = toml::to_string(cfg).map_err(|e| Error::Internal(format!("cannot serialise the sweep config: {e}")))?;
+    write_atomic(&path, text.as_bytes())
+}
+
+/// Runs the points of `shard` that are not done yet, writing each result atomically, then writes the
+/// summary of every record present. `progress` shows a bar on a terminal (never in a log file).
+pub fn run_sweep(
+    cfg: &SweepConfig,
+    out: &Path,
+    shard: Shard,
+    runner: &dyn PointRunner,
+    progress: bool,
+) -> Result<SweepReport> {
+    let start = Instant::now();
+    let points = cfg.points()?;
+    for p in &points {
+        runner.check(&cfg.point_config(p)?)?;
+    }
+    let partial = runs_dir(out).join(".partial");
+    std::fs::create_dir_all(&partial).map_err(write_err(&partial))?;
+    check_manifest(cfg, out)?;
+
+    let mine: Vec<&GridPoint> = points.iter().filter(|p| shard.takes(p)).collect();
+    let bar = if progress {
+        indicatif::ProgressBar::new(mine.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta}] {msg}") {
+        bar.set_style(style);
+    }
+    let mut report = SweepReport {
+        grid_points: points.len(),
+        in_shard: mine.len(),
+        skipped: 0,
+        ran: 0,
+        diverged: 0,
+        failed: Vec::new(),
+        wall_s: 0.0,
+    };
+    let pid = std::process::id();
+    for p in mine {
+        if is_done(out, p) {
+            report.skipped += 1;
+            bar.inc(1);
+            continue;
+        }
+        let id = p.id();
+        bar.set_message(id.clone());
+        remove_stale_partials(&partial, &id);
+        let tmp = partial.join(format!("{id}.{pid}"));
+        std::fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
+        let config = cfg.point_config(p)?;
+        let t0 = Instant::now();
+        let outcome = match runner.run(p, &config, &tmp) {
+            Ok(o) => o,
+            Err(Error::Diverged { step, reason }) => Outcome {
+                status: RunStatus::Diverged,
+                train_loss: None,
+                val_loss: None,
+                steps: step,
+                tokens: None,
+                detail: serde_json::json!({ "reason": reason }),
+            },
+            Err(e) => {
+                // A failed point leaves no record, so the next run of the sweep retries it.
+                let _ = std::fs::remove_dir_all(&tmp);
+                bar.println(format!("point {id} failed: {e}"));
+                report.failed.push((id, e.to_string()));
+                bar.inc(1);
+                continue;
+            }
+        };
+        let record = RunRecord { id: id.clone(), point: p.clone(), outcome, wall_s: t0.elapsed().as_secs_f64(), shard, pid };
+        let json = serde_json::to_vec_pretty(&record)
+            .map_err(|e| Error::Internal(format!("cannot serialise the record of {id}: {e}")))?;
+        let rec_tmp = tmp.join("result.json");
+        {
+            let mut f = std::fs::File::create(&rec_tmp).map_err(write_err(&rec_tmp))?;
+            f.write_all(&json).map_err(write_err(&rec_tmp))?;
+            f.sync_all().map_err(write_err(&rec_tmp))?;
+        }
+        let dest = runs_dir(out).join(&id);
+        match std::fs::rename(&tmp, &dest) {
+            Ok(()) => {
+                report.ran += 1;
+                if record.outcome.status == RunStatus::Diverged {
+                    report.diverged += 1;
+                }
+            }
+            // Another process finished the same point first (e.g. one shard launched twice): keep its
+            // result, drop ours, so each point has exactly one.
+            Err(_) if dest.join("result.json").is_file() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                report.skipped += 1;
+            }
+            Err(source) => return Err(Error::Write { path: dest, source }),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let summary = summarize(cfg, out)?;
+    write_summary(&summary, out)?;
+    report.wall_s = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Removes folders of a point left by killed runs (`<id>.<pid>`).
+fn remove_stale_partials(partial: &Path, id: &str) {
+    let Ok(entries) = std::fs::read_dir(partial) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix(id).and_then(|r| r.strip_prefix('.')) {
+            if rest.chars().all(|c| c.is_ascii_digit()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Reads every record under `DIR/runs`, keyed by id.
+pub fn read_records(out: &Path) -> Result<BTreeMap<String, RunRecord>> {
+    let dir = runs_dir(out);
+    let mut records = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(records) };
+    for e in entries.flatten() {
+        let path = e.path().join("result.json");
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+        let rec: RunRecord =
+            serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.clone(), reason: e.to_string() })?;
+        records.insert(rec.id.clone(), rec);
+    }
+    Ok(records)
+}
+
+/// Optimum and LR curve of one size under one preset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SizeAnalysis {
+    pub size: usize,
+    pub curve: Vec<LrPoint>,
+    pub optimum: Option<Optimum>,
+}
+
+/// All sizes of one preset (and init scale, when the grid sweeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresetAnalysis {
+    pub preset: String,
+    pub init_scale: Option<f64>,
+    pub sizes: Vec<SizeAnalysis>,
+    pub drift: Option<Drift>,
+    /// Sum of the wall times of this preset's finished runs (seconds).
+    pub wall_s: f64,
+}
+
+impl PresetAnalysis {
+    /// Label for tables and legends: the preset, with its init scale when swept.
+    pub fn label(&self) -> String {
+        match self.init_scale {
+            Some(s) => format!("{} (init x{s})", self.preset),
+            None => self.preset.clone(),
+        }
+    }
+}
+
+/// Everything known about a sweep from the records present.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepSummary {
+    pub axis: Axis,
+    pub metric: Metric,
+    pub window: f64,
+    pub grid_points: usize,
+    pub done: usize,
+    pub diverged: usize,
+    /// Ids of grid points without a record yet.
+    pub missing: Vec<String>,
+    pub presets: Vec<PresetAnalysis>,
+    /// Records of the current grid's points, in grid order.
+    pub runs: Vec<RunRecord>,
+}
+
+/// Aggregates the records of `cfg`'s grid found under `out` (records of points no longer in the grid
+/// are ignored) and fits the optimum LR per size and its drift per preset.
+pub fn summarize(cfg: &SweepConfig, out: &Path) -> Result<SweepSummary> {
+    let points = cfg.points()?;
+    let records = read_records(out)?;
+    let g = &cfg.grid;
+    let metric = cfg.analysis.metric;
+    let runs: Vec<RunRecord> = points.iter().filter_map(|p| records.get(&p.id()).cloned()).collect();
+    let missing: Vec<String> = points.iter().map(|p| p.id()).filter(|id| !records.contains_key(id)).collect();
+    let scales: Vec<Option<f64>> =
+        if g.init_scales.is_empty() { vec![None] } else { g.init_scales.iter().map(|&s| Some(s)).collect() };
+    let mut presets = Vec::new();
+    for preset in &g.presets {
+        for &init_scale in &scales {
+            let mine: Vec<&RunRecord> =
+                runs.iter().filter(|r| &r.point.preset == preset && r.point.init_scale == init_scale).collect();
+            let mut sizes = Vec::new();
+            for &size in &g.sizes {
+                let curve: Vec<LrPoint> = g
+                    .lr_log2
+                    .iter()
+                    .map(|&lr| {
+                        let cell: Vec<&&RunRecord> =
+                            mine.iter().filter(|r| r.point.size == size && r.point.lr_log2 == lr).collect();
+                        lr_point(lr, &cell, metric)
+                    })
+                    .filter(|p| p.seeds > 0)
+                    .collect();
+                let optimum = analysis::fit_optimum(&curve, cfg.analysis.window);
+                sizes.push(SizeAnalysis { size, curve, optimum });
+            }
+            let optima: Vec<(usize, Optimum)> = sizes.iter().filter_map(|s| s.optimum.map(|o| (s.size, o))).collect();
+            presets.push(PresetAnalysis {
+                preset: preset.clone(),
+                init_scale,
+                drift: analysis::drift(&optima),
+                wall_s: mine.iter().map(|r| r.wall_s).sum(),
+                sizes,
+            });
+        }
+    }
+    Ok(SweepSummary {
+        axis: g.axis,
+        metric,
+        window: cfg.analysis.window,
+        grid_points: points.len(),
+        done: runs.len(),
+        diverged: runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count(),
+        missing,
+        presets,
+        runs,
+    })
+}
+
+fn lr_point(lr_log2: f64, cell: &[&&RunRecord], metric: Metric) -> LrPoint {
+    let values: Vec<Option<f64>> = cell.iter().map(|r| r.metric(metric).filter(|v| v.is_finite())).collect();
+    let diverged = values.iter().filter(|v| v.is_none()).count();
+    let finite: Vec<f64> = values.iter().flatten().copied().collect();
+    let n = finite.len() as f64;
+    let (loss, stderr) = if diverged > 0 || finite.is_empty() {
+        (None, None)
+    } else {
+        let mean = finite.iter().sum::<f64>() / n;
+        let stderr = (finite.len() > 1)
+            .then(|| (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt());
+        (Some(mean), stderr)
+    };
+    LrPoint { lr_log2, loss, stderr, seeds: cell.len(), diverged }
+}
+
+fn fmt_opt(x: Option<f64>, digits: usize) -> String {
+    x.map_or_else(|| "n/a".to_string(), |v| format!("{v:.digits$}"))
+}
+
+impl SweepSummary {
+    /// The summary as a Markdown report: optimum per size, drift per preset, and the loss table.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let axis = self.axis.name();
+        s.push_str(&format!("# LR sweep along `{axis}` ({})\n\n", self.metric.name()));
+        s.push_str(&format!(
+            "{} of {} grid points done ({} diverged, {} missing). Optimum: vertex of a parabola in log2 LR \
+             fitted within +-{} log2 of the best grid point; +- is one standard deviation (n/a: exact \
+             3-point fit or optimum on the grid edge).\n\n",
+            self.done,
+            self.grid_points,
+            self.diverged,
+            self.missing.len(),
+            self.window
+        ));
+        s.push_str("## Optimum LR per size\n\n");
+        s.push_str(&format!("| preset | {axis} | optimum log2 LR | +- | method | bracketed | {} at optimum |\n", self.metric.name()));
+        s.push_str("| --- | ---: | ---: | ---: | --- | --- | ---: |\n");
+        for p in &self.presets {
+            for z in &p.sizes {
+                match &z.optimum {
+                    Some(o) => s.push_str(&format!(
+                        "| {} | {} | {:.3} | {} | {} | {} | {:.4} |\n",
+                        p.label(),
+                        z.size,
+                        o.lr_log2,
+                        fmt_opt(o.std, 3),
+                        match o.method {
+                            analysis::FitMethod::Parabola => "parabola",
+                            analysis::FitMethod::GridArgmin => "grid argmin",
+                        },
+                        if o.bracketed { "yes" } else { "no" },
+                        o.loss
+                    )),
+                    None => s.push_str(&format!("| {} | {} | n/a | | no finite run | | |\n", p.label(), z.size)),
+                }
+            }
+        }
+        s.push_str("\n## Drift of the optimum across sizes (log2 units)\n\n");
+        s.push_str("| preset | sizes | doublings | range (max - min) | +- | per doubling | +- | all bracketed | run wall time |\n");
+        s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n");
+        for p in &self.presets {
+            match &p.drift {
+                Some(d) => s.push_str(&format!(
+                    "| {} | {} | {:.1} | {:.3} | {} | {:+.3} | {} | {} | {:.0} s |\n",
+                    p.label(),
+                    d.sizes,
+                    d.doublings,
+                    d.range,
+                    fmt_opt(d.range_std, 3),
+                    d.per_doubling,
+                    fmt_opt(d.per_doubling_std, 3),
+                    if d.all_bracketed { "yes" } else { "no" },
+                    p.wall_s
+                )),
+                None => s.push_str(&format!("| {} | <2 | | n/a | | | | | {:.0} s |\n", p.label(), p.wall_s)),
+            }
+        }
+        s.push_str(&format!("\n## {} per (size, log2 LR)\n\n", self.metric.name()));
+        s.push_str("Mean over seeds; `div`: at least one seed diverged; blank: not run yet.\n\n");
+        let mut lrs: Vec<f64> =
+            self.presets.iter().flat_map(|p| p.sizes.iter().flat_map(|z| z.curve.iter().map(|c| c.lr_log2))).collect();
+        lrs.sort_by(f64::total_cmp);
+        lrs.dedup();
+        s.push_str(&format!("| preset | {axis} |"));
+        for lr in &lrs {
+            s.push_str(&format!(" {lr} |"));
+        }
+        s.push_str("\n| --- | ---: |");
+        s.push_str(&" ---: |".repeat(lrs.len()));
+        s.push('\n');
+        for p in &self.presets {
+            for z in &p.sizes {
+                s.push_str(&format!("| {} | {} |", p.label(), z.size));
+                for lr in &lrs {
+                    let cell = z.curve.iter().find(|c| c.lr_log2 == *lr);
+                    let text = match cell {
+                        None => String::new(),
+                        Some(c) if c.diverged > 0 => "div".to_string(),
+                        Some(c) => fmt_opt(c.loss, 4),
+                    };
+                    s.push_str(&format!(" {text} |"));
+                }
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+/// Writes `DIR/summary.json` and `DIR/summary.md` atomically, and the figures under `DIR/figures/`.
+pub fn write_summary(summary: &SweepSummary, out: &Path) -> Result<()> {
+    let json = serde_json::to_vec_pretty(summary).map_err(|e| Error::Internal(format!("cannot serialise the summary: {e}")))?;
+    write_atomic(&out.join("summary.json"), &json)?;
+    write_atomic(&out.join("summary.md"), summary.markdown().as_bytes())?;
+    figures::write_sweep_figures(summary, &out.join("figures"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_grid: &str) -> SweepConfig {
+        let text = format!(
+            r#"
+            [base]
+            seed = 0
+            steps = 10
+            [base.model.sizes]
+            width = 32
+            depth = 2
+            experts = 8
+            active = 2
+            expert_hidden = 64
+            [base.param]
+            preset = "sp"
+            lr = 0.001
+            base = {{ width = 32, depth = 2, experts = 8, active = 2, expert_hidden = 64 }}
+
+            [grid]
+            axis = "width"
+            sizes = [32, 64]
+            lr_log2 = [-8, -7, -6, -5, -4]
+            presets = ["moe-completep", "sp"]
+            {extra_grid}
+            "#
+        );
+        let cfg: SweepConfig = toml::from_str(&text).unwrap();
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    /// A synthetic objective whose optimum is known: log2 LR* = -6 - 0.5 log2(size/32) under `sp` and
+    /// -6 under `moe-completep`.
+    fn synthetic(p: &GridPoint, _c: &toml::Table, _d: &Path) -> Result<Outcome> {
+        let shift = if p.preset == "sp" { -0.5 * (p.size as f64 / 32.0).log2() } else { 0.0 };
+        let x = p.lr_log2 - (-6.0 + shift);
+        let loss = 1.0 + 0.05 * x * x + 0.001 * p.seed as f64;
+        let diverged = p.lr_log2 >= -4.0 && p.size == 64;
+        Ok(Outcome {
+            status: if diverged { RunStatus::Diverged } else { RunStatus::Ok },
+            train_loss: Some(loss),
+            val_loss: (!diverged).then_some(loss),
+            steps: 10,
+            tokens: Some(100),
+            detail: serde_json::Value::Null,
+        })
+    }
+
+    #[test]
+    fn point_configs_scale_the_right_fields() {
+        let cfg = config("");
+        let pts = cfg.points().unwrap();
+        assert_eq!(pts.len(), 2 * 2 * 5);
+        let p = pts.iter().find(|p| p.size == 64 && p.lr_log2 == -7.0 && p.preset == "sp").unwrap();
+        let t = cfg.point_config(p).unwrap();
+        assert_eq!(get(&t, keys::WIDTH).unwrap().as_integer(), Some(64));
+        assert_eq!(get(&t, keys::EXPERT_HIDDEN).unwrap().as_integer(), Some(128));
+        assert_eq!(get(&t, keys::EXPERTS).unwrap().as_integer(), Some(8));
+        assert_eq!(get(&t, keys::LR).unwrap().as_float(), Some(2f64.powi(-7)));
+        assert_eq!(get(&t, keys::PRESET).unwrap().as_str(), Some("sp"));
+        assert_eq!(p.id(), "sp-width00064-lr-007.000-s0");
+
+        let mut cfg = config("");
+        cfg.grid.axis = Axis::Experts;
+        cfg.grid.sizes = vec![8, 16, 64];
+        let p = &cfg.points().unwrap()[5];
+        assert_eq!(p.size, 16);
+        let t = cfg.point_config(p).unwrap();
+        assert_eq!(get(&t, keys::ACTIVE).unwrap().as_integer(), Some(4));
+        cfg.grid.sizes = vec![8, 10];
+        let err = cfg.validate().unwrap_err();
+        assert!(err.to_string().contains("non-integer active"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn bad_grids_are_rejected_with_the_field_named() {
+        let mut cfg = config("");
+        cfg.grid.lr_log2 = vec![-3.0, f64::NAN];
+        assert!(cfg.validate().unwrap_err().to_string().contains("grid.lr_log2"));
+        let mut cfg = config("");
+        cfg.grid.sizes = vec![32, 32];
+        assert!(cfg.validate().unwrap_err().to_string().contains("duplicate grid point"));
+        let mut cfg = config("");
+        cfg.base.remove("model");
+        assert!(cfg.validate().unwrap_err().to_string().contains("base.model.sizes.width"));
+        let mut cfg = config("");
+        cfg.base.get_mut("param").unwrap().as_table_mut().unwrap().remove("base");
+        assert!(cfg.validate().unwrap_err().to_string().contains("base.param.base"));
+        let text = "[base]\n[grid]\naxis = \"width\"\nsizes = [1]\nlr_log2 = [0]\npresets = [\"sp\"]\nlrs = [1]\n";
+        assert!(toml::from_str::<SweepConfig>(text).is_err(), "unknown keys must be rejected");
+    }
+
+    #[test]
+    fn shards_partition_the_grid() {
+        let cfg = config("seeds = [0, 1, 2]");
+        let pts = cfg.points().unwrap();
+        for n in 1..=7 {
+            let mut count = vec![0; pts.len()];
+            for i in 0..n {
+                let shard: Shard = format!("{i}/{n}").parse().unwrap();
+                for p in pts.iter().filter(|p| shard.takes(p)) {
+                    count[p.index] += 1;
+                }
+            }
+            assert!(count.iter().all(|&c| c == 1), "n = {n}");
+        }
+        for bad in ["3/3", "1", "a/2", "0/0", "-1/2"] {
+            let e = bad.parse::<Shard>().unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sweep_runs_each_point_once_and_finds_known_optima() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config("seeds = [0, 1]");
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let counting = |p: &GridPoint, c: &toml::Table, d: &Path| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::fs::write(d.join("metrics.jsonl"), "{}\n").unwrap();
+            synthetic(p, c, d)
+        };
+        // Two shards, then both again: the second pass must run nothing.
+        let r0 = run_sweep(&cfg, dir.path(), Shard::new(0, 2).unwrap(), &counting, false).unwrap();
+        let r1 = run_sweep(&cfg, dir.path(), Shard::new(1, 2).unwrap(), &counting, false).unwrap();
+        assert_eq!(r0.ran + r1.ran, 40);
+        assert_eq!(r0.in_shard, 20);
+        assert_eq!(r0.diverged + r1.diverged, 2 * 2 * 1);
+        let again = run_sweep(&cfg, dir.path(), Shard::default(), &counting, false).unwrap();
+        assert_eq!((again.ran, again.skipped), (0, 40));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 40);
+        assert!(dir.path().join("runs/sp-width00032-lr-006.000-s1/metrics.jsonl").is_file());
+        let leftovers = std::fs::read_dir(dir.path().join("runs/.partial")).unwrap().count();
+        assert_eq!(leftovers, 0);
+
+        let summary: SweepSummary =
+            serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+        assert_eq!((summary.done, summary.diverged), (40, 4));
+        assert!(summary.missing.is_empty());
+        let opt = |preset: &str, size: usize| {
+            let p = summary.presets.iter().find(|p| p.preset == preset).unwrap();
+            p.sizes.iter().find(|s| s.size == size).unwrap().optimum.unwrap()
+        };
+        assert!((opt("moe-completep", 32).lr_log2 + 6.0).abs() < 1e-6);
+        assert!((opt("sp", 64).lr_log2 + 6.5).abs() < 1e-6);
+        let sp = summary.presets.iter().find(|p| p.preset == "sp").unwrap().drift.unwrap();
+        assert!((sp.per_doubling + 0.5).abs() < 1e-6);
+        let md = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();
+        assert!(md.contains("| sp | 64 | -6.500 |"), "{md}");
+        assert!(md.contains("div"));
+    }
+
+    #[test]
+    fn failed_points_get_no_record_and_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config("");
+        let flaky = |p: &GridPoint, c: &toml::Table, d: &Path| {
+            if p.lr_log2 == -5.0 {
+                Err(Error::Internal("disk full".into()))
+            } else {
+                synthetic(p, c, d)
+            }
+        };
+        let r = run_sweep(&cfg, dir.path(), Shard::default(), &flaky, false).unwrap();
+        assert_eq!((r.ran, r.failed.len()), (16, 4));
+        let r = run_sweep(&cfg, dir.path(), Shard::default(), &synthetic, false).unwrap();
+        assert_eq!((r.ran, r.skipped, r.failed.len()), (4, 16, 0));
+        // Divergence reported as an error is recorded like a diverged outcome.
+        let dir = tempfile::tempdir().unwrap();
+        let blows_up = |_: &GridPoint, _: &toml::Table, _: &Path| -> Result<Outcome> {
+            Err(Error::Diverged { step: 3, reason: "loss is NaN".into() })
+        };
+        let r = run_sweep(&cfg, dir.path(), Shard::default(), &blows_up, false).unwrap();
+        assert_eq!((r.ran, r.diverged), (20, 20));
+    }
+
+    #[test]
+    fn a_different_base_in_the_same_folder_is_refused_but_the_grid_may_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config("");
+        run_sweep(&cfg, dir.path(), Shard::default(), &synthetic, false).unwrap();
+        let mut grown = cfg.clone();
+        grown.grid.lr_log2.push(-3.0);
+        let r = run_sweep(&grown, dir.path(), Shard::default(), &synthetic, false).unwrap();
+        assert_eq!((r.ran, r.skipped), (4, 20));
+        let mut other = cfg.clone();
+        other.base.insert("steps".into(), toml::Value::Integer(11));
+        let e = run_sweep(&other, dir.path(), Shard::default(), &synthetic, false).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("different [base]"));
+    }
+
+    #[test]
+    fn stale_partial_folders_of_killed_runs_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config("");
+        let id = cfg.points().unwrap()[0].id();
+        let stale = runs_dir(dir.path()).join(".partial").join(format!("{id}.99999"));
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("metrics.jsonl"), "half").unwrap();
+        run_sweep(&cfg, dir.path(), Shard::default(), &synthetic, false).unwrap();
+        assert!(!stale.exists());
+    }
+}

@@ -1,0 +1,366 @@
+//! Analysis of learning-rate sweeps: the optimum log2 LR of each size from a parabola fit of loss against
+//! log2 LR near the best grid point (with an uncertainty from the fit), and the drift of that optimum across
+//! the sizes of one axis, in log2 units. Pure functions on plain numbers, so any result table can be
+//! analysed.
+
+use nalgebra::{Matrix3, Vector3};
+use serde::{Deserialize, Serialize};
+
+/// Loss of one (size, LR) cell, aggregated over seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LrPoint {
+    pub lr_log2: f64,
+    /// Mean loss over the seeds that finished; `None` when any seed diverged (such an LR is excluded
+    /// from the fit: an optimum must not sit where training sometimes blows up).
+    pub loss: Option<f64>,
+    /// Standard error of the mean over seeds (`None` with fewer than two seeds).
+    pub stderr: Option<f64>,
+    pub seeds: usize,
+    pub diverged: usize,
+}
+
+/// How an optimum was located.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FitMethod {
+    /// Vertex of a parabola in log2 LR fitted to the points within the window of the best grid point.
+    Parabola,
+    /// The best grid point itself: the parabola was not convex, its vertex left the fitted range, or
+    /// too few points were finite. The true optimum may lie off the grid (see `bracketed`).
+    GridArgmin,
+}
+
+/// The optimum log2 LR of one size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Optimum {
+    pub lr_log2: f64,
+    /// One standard deviation of `lr_log2` from the fit (`None` when not estimable: an exact 3-point fit
+    /// without seed spread, or a grid argmin).
+    pub std: Option<f64>,
+    /// Loss at the optimum (fitted vertex value, or the grid minimum).
+    pub loss: f64,
+    /// Curvature c of loss = a + b x + c x^2 (per log2 unit squared); `None` for a grid argmin.
+    pub curvature: Option<f64>,
+    /// True when finite grid points exist on both sides of the best one: the optimum is inside the grid.
+    pub bracketed: bool,
+    pub points_used: usize,
+    pub method: FitMethod,
+}
+
+/// Finds the optimum log2 LR of one size from its LR curve.
+///
+/// Takes the best finite grid point, fits loss = a + b x + c x^2 (x = log2 LR) to the finite points within
+/// `window` log2 units of it (weighted by 1/stderr^2 when every point has a seed spread), and returns the
+/// vertex with a delta-method standard deviation. With known standard errors the covariance is
+/// (X^T W X)^-1, inflated by the reduced chi-square when that exceeds 1 (the parabola does not describe the
+/// points to within their noise); without them it is s^2 (X^T X)^-1 from the residuals, which needs more
+/// than three points. Returns `None` when no point is finite.
+pub fn fit_optimum(curve: &[LrPoint], window: f64) -> Option<Optimum> {
+    let mut finite: Vec<(f64, f64, Option<f64>)> = curve
+        .iter()
+        .filter_map(|p| p.loss.filter(|l| l.is_finite()).map(|l| (p.lr_log2, l, p.stderr)))
+        .collect();
+    finite.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let best = (0..finite.len()).min_by(|&i, &j| finite[i].1.total_cmp(&finite[j].1))?;
+    let (x_best, y_best, _) = finite[best];
+    let bracketed = best > 0 && best + 1 < finite.len();
+    let argmin = Optimum {
+        lr_log2: x_best,
+        std: None,
+        loss: y_best,
+        curvature: None,
+        bracketed,
+        points_used: 1,
+        method: FitMethod::GridArgmin,
+    };
+    if !bracketed {
+        return Some(argmin);
+    }
+    let used: Vec<(f64, f64, Option<f64>)> =
+        finite.iter().copied().filter(|p| (p.0 - x_best).abs() <= window + 1e-12).collect();
+    if used.len() < 3 {
+        return Some(argmin);
+    }
+    // Centering on the best point keeps the normal equations well conditioned for LRs like 2^-12.
+    let weighted = used.iter().all(|p| p.2.is_some_and(|s| s > 0.0 && s.is_finite()));
+    let mut xtwx = Matrix3::<f64>::zeros();
+    let mut xtwy = Vector3::<f64>::zeros();
+    for &(x, y, s) in &used {
+        let t = x - x_best;
+        let row = Vector3::new(1.0, t, t * t);
+        let w = if weighted { 1.0 / s.map_or(1.0, |s| s * s) } else { 1.0 };
+        xtwx += row * row.transpose() * w;
+        xtwy += row * (w * y);
+    }
+    let inv = xtwx.try_inverse()?;
+    let coef = inv * xtwy;
+    let (a, b, c) = (coef[0], coef[1], coef[2]);
+    let lo = used.first().map(|p| p.0 - x_best).unwrap_or(0.0);
+    let hi = used.last().map(|p| p.0 - x_best).unwrap_or(0.0);
+    if !(c > 0.0) {
+        return Some(argmin);
+    }
+    let t_star = -b / (2.0 * c);
+    if !(t_star >= lo && t_star <= hi) {
+        return Some(argmin);
+    }
+    let dof = used.len() as f64 - 3.0;
+    let rss: f64 = used
+        .iter()
+        .map(|&(x, y, s)| {
+            let t = x - x_best;
+            let r = y - (a + b * t + c * t * t);
+            let w = if weighted { 1.0 / s.map_or(1.0, |s| s * s) } else { 1.0 };
+            w * r * r
+        })
+        .sum();
+    let cov = if weighted {
+        let scale = if dof > 0.0 { (rss / dof).max(1.0) } else { 1.0 };
+        Some(inv * scale)
+    } else if dof > 0.0 {
+        Some(inv * (rss / dof))
+    } else {
+        None
+    };
+    // x* = -b / (2c): gradient (d/db, d/dc) = (-1/(2c), b/(2c^2)).
+    let std = cov.map(|cov| {
+        let gb = -1.0 / (2.0 * c);
+        let gc = b / (2.0 * c * c);
+        (gb * gb * cov[(1, 1)] + gc * gc * cov[(2, 2)] + 2.0 * gb * gc * cov[(1, 2)]).max(0.0).sqrt()
+    });
+    Some(Optimum {
+        lr_log2: x_best + t_star,
+        std,
+        loss: a + b * t_star + c * t_star * t_star,
+        curvature: Some(c),
+        bracketed,
+        points_used: used.len(),
+        method: FitMethod::Parabola,
+    })
+}
+
+/// How far the optimum moves across the sizes of one axis.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    /// max - min of the optimum log2 LR over the sizes (log2 units; >= 0).
+    pub range: f64,
+    /// Standard deviation of `range` from the two extreme optima (`None` if either has none).
+    pub range_std: Option<f64>,
+    /// Slope of optimum log2 LR against log2 size: drift per doubling (signed).
+    pub per_doubling: f64,
+    /// Standard error of the slope (`None` with two sizes and no per-size uncertainties).
+    pub per_doubling_std: Option<f64>,
+    /// Signed change from the smallest to the largest size (log2 units).
+    pub end_to_end: f64,
+    /// Doublings spanned by the sizes: log2(max size / min size).
+    pub doublings: f64,
+    /// True when every optimum was bracketed by the grid; otherwise the drift is a lower bound at best.
+    pub all_bracketed: bool,
+    pub sizes: usize,
+}
+
+/// Drift of the optimum across sizes; `optima` is (size, optimum) in any order. `None` with fewer than two
+/// sizes.
+pub fn drift(optima: &[(usize, Optimum)]) -> Option<Drift> {
+    if optima.len() < 2 {
+        return None;
+    }
+    let mut sorted: Vec<(usize, Optimum)> = optima.to_vec();
+    sorted.sort_by_key(|p| p.0);
+    let argmax = (0..sorted.len()).max_by(|&i, &j| sorted[i].1.lr_log2.total_cmp(&sorted[j].1.lr_log2))?;
+    let argmin = (0..sorted.len()).min_by(|&i, &j| sorted[i].1.lr_log2.total_cmp(&sorted[j].1.lr_log2))?;
+    let (hi, lo) = (sorted[argmax].1, sorted[argmin].1);
+    let range = hi.lr_log2 - lo.lr_log2;
+    let range_std = match (hi.std, lo.std) {
+        (Some(a), Some(b)) => Some((a * a + b * b).sqrt()),
+        _ => None,
+    };
+    let xs: Vec<f64> = sorted.iter().map(|p| (p.0 as f64).log2()).collect();
+    let ys: Vec<f64> = sorted.iter().map(|p| p.1.lr_log2).collect();
+    let n = xs.len() as f64;
+    let x_mean = xs.iter().sum::<f64>() / n;
+    let y_mean = ys.iter().sum::<f64>() / n;
+    let sxx: f64 = xs.iter().map(|x| (x - x_mean).powi(2)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    let slope = xs.iter().zip(&ys).map(|(x, y)| (x - x_mean) * (y - y_mean)).sum::<f64>() / sxx;
+    // Two error sources for the slope: the per-size fit uncertainties propagated through the (unweighted)
+    // least-squares slope, and the scatter around the line; the larger one is reported.
+    let propagated = if sorted.iter().all(|p| p.1.std.is_some()) {
+        Some(
+            xs.iter()
+                .zip(&sorted)
+                .map(|(x, p)| ((x - x_mean) / sxx).powi(2) * p.1.std.unwrap_or(0.0).powi(2))
+                .sum::<f64>()
+                .sqrt(),
+        )
+    } else {
+        None
+    };
+    let scatter = if xs.len() > 2 {
+        let intercept = y_mean - slope * x_mean;
+        let rss: f64 = xs.iter().zip(&ys).map(|(x, y)| (y - intercept - slope * x).powi(2)).sum();
+        Some((rss / (n - 2.0) / sxx).sqrt())
+    } else {
+        None
+    };
+    let per_doubling_std = match (propagated, scatter) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let first = sorted.first()?;
+    let last = sorted.last()?;
+    Some(Drift {
+        range,
+        range_std,
+        per_doubling: slope,
+        per_doubling_std,
+        end_to_end: last.1.lr_log2 - first.1.lr_log2,
+        doublings: (last.0 as f64 / first.0 as f64).log2(),
+        all_bracketed: sorted.iter().all(|p| p.1.bracketed),
+        sizes: sorted.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Normal};
+
+    fn curve(mut f: impl FnMut(f64) -> f64, xs: &[f64]) -> Vec<LrPoint> {
+        xs.iter()
+            .map(|&x| LrPoint { lr_log2: x, loss: Some(f(x)), stderr: None, seeds: 1, diverged: 0 })
+            .collect()
+    }
+
+    fn grid(lo: f64, hi: f64, step: f64) -> Vec<f64> {
+        let n = ((hi - lo) / step).round() as usize;
+        (0..=n).map(|i| lo + step * i as f64).collect()
+    }
+
+    #[test]
+    fn exact_parabola_recovers_its_vertex() {
+        let xs = grid(-14.0, -4.0, 1.0);
+        let c = curve(|x| 1.5 + 0.04 * (x + 8.3).powi(2), &xs);
+        let opt = fit_optimum(&c, 2.0).unwrap();
+        assert_eq!(opt.method, FitMethod::Parabola);
+        assert!((opt.lr_log2 + 8.3).abs() < 1e-9, "{opt:?}");
+        assert!((opt.loss - 1.5).abs() < 1e-9);
+        assert_eq!(opt.points_used, 5);
+        assert!(opt.bracketed);
+        // Five exact points: residuals vanish, so the uncertainty does too.
+        assert!(opt.std.unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn asymmetric_curve_lands_within_a_quarter_grid_step() {
+        // Loss curves rise faster on the large-LR side; a local parabola must still find the minimum.
+        let xs = grid(-14.0, -4.0, 1.0);
+        let f = |x: f64| {
+            let t = x + 9.6;
+            2.0 + 0.05 * t * t + 0.01 * t * t * t.max(0.0)
+        };
+        let opt = fit_optimum(&curve(f, &xs), 2.0).unwrap();
+        assert!((opt.lr_log2 + 9.6).abs() < 0.25, "{opt:?}");
+    }
+
+    #[test]
+    fn noisy_seeds_give_an_uncertainty_that_covers_the_truth() {
+        // 200 synthetic sweeps with 3 seeds each: the 1-sigma interval must cover the true optimum in
+        // roughly 68% of them (accept 55%..85%), and the estimate must be unbiased to within 0.05.
+        let truth = -7.4;
+        let xs = grid(-12.0, -3.0, 0.5);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let noise = Normal::new(0.0, 0.01).unwrap();
+        let (mut covered, mut bias, trials) = (0, 0.0, 200);
+        for _ in 0..trials {
+            let pts: Vec<LrPoint> = xs
+                .iter()
+                .map(|&x| {
+                    let seeds: Vec<f64> =
+                        (0..3).map(|_| 1.0 + 0.03 * (x - truth).powi(2) + noise.sample(&mut rng)).collect();
+                    let mean = seeds.iter().sum::<f64>() / 3.0;
+                    let var = seeds.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / 2.0;
+                    LrPoint { lr_log2: x, loss: Some(mean), stderr: Some((var / 3.0).sqrt()), seeds: 3, diverged: 0 }
+                })
+                .collect();
+            let opt = fit_optimum(&pts, 2.0).unwrap();
+            assert_eq!(opt.method, FitMethod::Parabola);
+            let std = opt.std.unwrap();
+            assert!(std > 0.0 && std < 1.0, "{opt:?}");
+            if (opt.lr_log2 - truth).abs() <= std {
+                covered += 1;
+            }
+            bias += (opt.lr_log2 - truth) / trials as f64;
+        }
+        let rate = covered as f64 / trials as f64;
+        assert!((0.55..=0.85).contains(&rate), "coverage {rate}");
+        assert!(bias.abs() < 0.05, "bias {bias}");
+    }
+
+    #[test]
+    fn unweighted_fit_uses_residual_scatter() {
+        let xs = grid(-10.0, -2.0, 1.0);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let noise = Normal::new(0.0, 0.005).unwrap();
+        let c = curve(|x| 1.0 + 0.05 * (x + 6.0).powi(2) + noise.sample(&mut rng), &xs);
+        let opt = fit_optimum(&c, 2.0).unwrap();
+        let std = opt.std.unwrap();
+        assert!(std > 0.0 && (opt.lr_log2 + 6.0).abs() < 4.0 * std + 0.05, "{opt:?}");
+    }
+
+    #[test]
+    fn optimum_at_the_grid_edge_is_flagged_not_extrapolated() {
+        let xs = grid(-10.0, -6.0, 1.0);
+        let c = curve(|x| 1.0 + 0.05 * (x + 3.0).powi(2), &xs);
+        let opt = fit_optimum(&c, 2.0).unwrap();
+        assert_eq!(opt.method, FitMethod::GridArgmin);
+        assert!(!opt.bracketed);
+        assert_eq!(opt.lr_log2, -6.0);
+        assert!(opt.std.is_none());
+    }
+
+    #[test]
+    fn diverged_lrs_are_excluded_and_can_unbracket_the_optimum() {
+        let xs = grid(-10.0, -4.0, 1.0);
+        let mut c = curve(|x| 1.0 + 0.05 * (x + 5.5).powi(2), &xs);
+        // The two largest LRs diverged: the best finite point (-6) is now the last finite one.
+        for p in c.iter_mut().filter(|p| p.lr_log2 > -5.5) {
+            p.loss = None;
+            p.diverged = 1;
+        }
+        let opt = fit_optimum(&c, 2.0).unwrap();
+        assert!(!opt.bracketed);
+        assert_eq!(opt.lr_log2, -6.0);
+        assert!(fit_optimum(&curve(|_| f64::NAN, &xs), 2.0).is_none());
+    }
+
+    #[test]
+    fn drift_of_known_linear_optima() {
+        let opt = |x: f64, s: f64| Optimum {
+            lr_log2: x,
+            std: Some(s),
+            loss: 1.0,
+            curvature: Some(0.1),
+            bracketed: true,
+            points_used: 5,
+            method: FitMethod::Parabola,
+        };
+        // Optimum falls by 0.25 per doubling over 64 -> 512 (3 doublings).
+        let optima: Vec<(usize, Optimum)> =
+            [(512, -8.75), (64, -8.0), (128, -8.25), (256, -8.5)].iter().map(|&(n, x)| (n, opt(x, 0.1))).collect();
+        let d = drift(&optima).unwrap();
+        assert!((d.range - 0.75).abs() < 1e-12);
+        assert!((d.per_doubling + 0.25).abs() < 1e-12);
+        assert!((d.end_to_end + 0.75).abs() < 1e-12);
+        assert!((d.doublings - 3.0).abs() < 1e-12);
+        assert!((d.range_std.unwrap() - 0.1 * 2f64.sqrt()).abs() < 1e-12);
+        // Slope error from per-size errors of 0.1 over x = 6..9: 0.1 / sqrt(sxx) with sxx = 5.
+        assert!((d.per_doubling_std.unwrap() - 0.1 / 5f64.sqrt()).abs() < 1e-9);
+        assert!(d.all_bracketed);
+        assert!(drift(&optima[..1]).is_none());
+    }
+}
