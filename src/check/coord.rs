@@ -280,7 +280,7 @@ pub fn verdict_name(v: Verdict) -> &'static str {
 /// (multiplier 1/mN) vanishes like N^(-1/2) along width, a readout-like router's logits likewise, and the
 /// MoE output at initialization is an average of k independent random experts, so it vanishes like
 /// k^(-1/2) along `experts`. Gradient RMS per group is the engine's own prediction (its `grad_rms`
-/// exponents, which set Adam epsilon).
+/// exponents, which set Adam epsilon) on the axes the preset scales.
 ///
 /// For the presets that ignore an axis, power counting gives the violations under Adam, where every
 /// entry moves by Θ(lr): a layer whose fan-in grows like the axis and whose LR does not shrink changes
@@ -291,10 +291,12 @@ pub fn verdict_name(v: Verdict) -> &'static str {
 pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Option<f64> {
     let preset = spec.preset.as_str();
     let axis = spec.axis;
-    if let Some(group) = quantity.strip_prefix("grad.") {
-        return table.row(group).map(|r| r.grad_rms.get(axis));
-    }
     let scaled = Preset::by_name(preset).map(|p| p.scales(axis)).unwrap_or(false);
+    if let Some(group) = quantity.strip_prefix("grad.") {
+        // The engine derives gradient RMS under its own scalings: it says nothing about an axis the
+        // preset leaves at SP.
+        return if scaled { table.row(group).map(|r| r.grad_rms.get(axis)) } else { None };
+    }
     let router_readout = matches!(spec.router_init, RouterInit::ReadoutLike)
         || (spec.router_init == RouterInit::Preset && matches!(preset, "moe-completep"));
     if scaled {

@@ -4,3 +4,4 @@
 
 pub mod fit;
 pub mod coord;
+pub mod run;
