@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Learning rate at the base sizes (default 1).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f64>,
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,

@@ -311,6 +311,23 @@ pub fn validate_kappa(sizes: &Sizes, base: &Sizes) -> crate::Result<()> {
     ))
 }
 
+/// Every `feeds` names a defined group and following `feeds` never comes back to where it started.
+fn check_feeds(specs: &[GroupSpec]) -> crate::Result<()> {
+    for spec in specs {
+        let mut current = spec;
+        for _ in 0..=specs.len() {
+            let Some(next) = &current.feeds else { break };
+            current = specs.iter().find(|s| &s.name == next).ok_or_else(|| {
+                crate::Error::invalid(format!("groups.{}.feeds", current.name), format!("names `{next}`, which is not a group"))
+            })?;
+            if current.name == spec.name {
+                return Err(crate::Error::invalid(format!("groups.{}.feeds", spec.name), "forms a cycle"));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ParamConfig {
     /// Checks the scalar fields (sizes are checked in [`ParamConfig::resolve_table`]).
     pub fn validate(&self) -> crate::Result<()> {
@@ -430,6 +447,7 @@ impl ParamConfig {
         validate_kappa(sizes, &base)?;
         let preset = Preset::by_name(&self.preset)?;
         let specs = self.specs();
+        check_feeds(&specs)?;
         let engine = Engine { specs: &specs, optimizer: self.optimizer, form: self.form };
         let factors = axis_factors(sizes, &base);
         let (n0, h0, k0, l0) = (base.width as f64, base.expert_hidden as f64, base.active as f64, base.depth as f64);
