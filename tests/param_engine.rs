@@ -456,3 +456,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn backward_field_ratio_never_grows_along_an_axis() {
+    use moe_dmft::param::engine::backward_field_ratio;
+    let b = sizes(64, 2, 16, 4, 32);
+    let r0 = backward_field_ratio(&b);
+    for f in [2, 4, 16] {
+        let along = [
+            sizes(64 * f, 2, 16, 4, 32 * f),
+            sizes(64, 2 * f, 16, 4, 32),
+            sizes(64, 2, 16 * f, 4 * f, 32),
+            sizes(64, 2, 16, 4, 32 * f),
+        ];
+        for s in along {
+            assert!(backward_field_ratio(&s) <= r0 * (1.0 + 1e-12), "{s:?}");
+        }
+        // N alone (not an axis) grows it.
+        assert!(backward_field_ratio(&sizes(64 * f, 2, 16, 4, 32)) > r0);
+    }
+}

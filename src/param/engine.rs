@@ -387,3 +387,10 @@ pub fn sp_init_var(spec: &GroupSpec, init: InitClass) -> Prim {
         InitClass::Hidden | InitClass::Readout => spec.fan_in.prim().scale(-1.0),
     }
 }
+
+/// `N / (k n)`: the size, relative to the learned signal, of the random backward field that randomly
+/// initialised expert up-projections send into the residual stream (SPEC §4). None of the four axes grows
+/// it (width keeps it, experts and expert_hidden shrink it); scaling N alone at fixed n would.
+pub fn backward_field_ratio(sizes: &super::Sizes) -> f64 {
+    sizes.width as f64 / (sizes.active as f64 * sizes.expert_hidden as f64)
+}
