@@ -20,7 +20,7 @@ fn dmft_config_rejects_finite_sizes() {
         assert_eq!(err.exit_code(), 2, "{key}");
         assert!(err.to_string().contains("not inputs"), "{key}: {err}");
     }
-    let err = SolveConfig::from_toml_str("kappa = 0.3\n[resolution]\nexpert_samples = 100\n").unwrap_err();
+    let err = SolveConfig::from_toml_str("kappa = 0.3\n[resolution]\nexpert_samples = 101\n").unwrap_err();
     assert!(err.to_string().contains("resolution.expert_samples"), "{err}");
     let err = SolveConfig::from_toml_str("kappa = 1.5\n").unwrap_err();
     assert!(err.to_string().contains("`kappa`"), "{err}");
