@@ -66,10 +66,12 @@ struct ExpertCache<F> {
     slots: Vec<usize>,
     /// Gate of each assignment (1 for shared experts).
     gates: Vec<F>,
-    /// Preactivations `m_up * a_e U_e^T` (T_e x n).
-    u: Array2<F>,
-    /// `phi(u)` (T_e x n).
+    /// `phi(u)` of the preactivations `u = m_up * a_e U_e^T` (T_e x n).
     hidden: Array2<F>,
+    /// `phi'(u)` (T_e x n), computed with `phi(u)` so smooth activations evaluate tanh once per entry.
+    slope: Array2<F>,
+    /// Sum of `u^2` over the entries (for the RMS diagnostic).
+    u_sq_sum: f64,
     /// Ungated expert outputs `m_down * phi(u) V_e^T` (T_e x N); empty for shared experts.
     z: Array2<F>,
 }
@@ -161,20 +163,55 @@ fn rms<'a, F: Real>(it: impl Iterator<Item = &'a F>) -> f64 {
     }
 }
 
-/// One expert on a gathered token matrix: returns (u, phi(u), z).
+/// `(phi(x), phi'(x))` in the network's own float type, with the formulas of [`Activation::apply`] and
+/// [`Activation::derivative`]; computing both at once costs one tanh per entry instead of two.
+fn activation_and_slope<F: Real>(act: Activation, x: F) -> (F, F) {
+    match act {
+        Activation::Relu => {
+            if x > F::zero() {
+                (x, F::one())
+            } else {
+                (F::zero(), F::zero())
+            }
+        }
+        Activation::Tanh => {
+            let t = x.tanh();
+            (t, F::one() - t * t)
+        }
+        Activation::Gelu => {
+            let (c, a, half, one) = (F::of(0.7978845608028654), F::of(0.044715), F::of(0.5), F::one());
+            let t = (c * (x + a * x * x * x)).tanh();
+            let value = half * x * (one + t);
+            let slope = half * (one + t) + half * x * (one - t * t) * c * (one + F::of(3.0) * a * x * x);
+            (value, slope)
+        }
+        Activation::Linear => (x, F::one()),
+    }
+}
+
+/// One expert on a gathered token matrix: returns (phi(u), phi'(u), z, sum of u^2).
 fn expert_forward<F: Real>(
     a_e: ArrayView2<F>,
     up: ArrayView2<F>,
     down: ArrayView2<F>,
     mult: &MoeMultipliers,
     act: Activation,
-) -> (Array2<F>, Array2<F>, Array2<F>) {
-    let mut u = a_e.dot(&up.t());
-    u.mapv_inplace(|v| v * F::of(mult.up));
-    let hidden = u.mapv(|v| F::of(act.apply(v.to_f64().unwrap_or(f64::NAN))));
+) -> (Array2<F>, Array2<F>, Array2<F>, f64) {
+    let mut hidden = a_e.dot(&up.t());
+    let mut slope = Array2::<F>::zeros(hidden.raw_dim());
+    let m_up = F::of(mult.up);
+    let mut u_sq_sum = 0.0;
+    Zip::from(&mut hidden).and(&mut slope).for_each(|h, d| {
+        let u = *h * m_up;
+        let x = u.to_f64().unwrap_or(f64::NAN);
+        u_sq_sum += x * x;
+        let (v, s) = activation_and_slope(act, u);
+        *h = v;
+        *d = s;
+    });
     let mut z = hidden.dot(&down.t());
     z.mapv_inplace(|v| v * F::of(mult.down));
-    (u, hidden, z)
+    (hidden, slope, z, u_sq_sum)
 }
 
 /// Forward pass of the MoE layer on `a` (T x N) with `active` (k) experts per token.
@@ -218,14 +255,14 @@ pub fn moe_forward<F: Real>(
         .enumerate()
         .map(|(e, (toks, slots, gates))| {
             let a_e = a.select(Axis(0), &toks);
-            let (u, hidden, z) = expert_forward(
+            let (hidden, slope, z, u_sq_sum) = expert_forward(
                 a_e.view(),
                 w.up.index_axis(Axis(0), e),
                 w.down.index_axis(Axis(0), e),
                 mult,
                 act,
             );
-            ExpertCache { tokens: toks, slots, gates, u, hidden, z }
+            ExpertCache { tokens: toks, slots, gates, hidden, slope, u_sq_sum, z }
         })
         .collect();
 
@@ -239,18 +276,19 @@ pub fn moe_forward<F: Real>(
 
     let mut shared_caches = Vec::new();
     if let (Some(su), Some(sd)) = (&w.shared_up, &w.shared_down) {
-        let results: Vec<(Array2<F>, Array2<F>, Array2<F>)> = (0..su.dim().0)
+        let results: Vec<(Array2<F>, Array2<F>, Array2<F>, f64)> = (0..su.dim().0)
             .into_par_iter()
             .map(|s| expert_forward(a, su.index_axis(Axis(0), s), sd.index_axis(Axis(0), s), mult, act))
             .collect();
-        for (u, hidden, z) in results {
+        for (hidden, slope, z, u_sq_sum) in results {
             out.scaled_add(F::one(), &z);
             shared_caches.push(ExpertCache {
                 tokens: (0..tokens).collect(),
                 slots: Vec::new(),
                 gates: vec![F::one(); tokens],
-                u,
                 hidden,
+                slope,
+                u_sq_sum,
                 z: Array2::zeros((0, width)),
             });
         }
@@ -258,7 +296,15 @@ pub fn moe_forward<F: Real>(
 
     let diagnostics = MoeDiagnostics {
         router_logits_rms: rms(logits_f.iter()),
-        expert_preact_rms: rms(expert_caches.iter().flat_map(|c| c.u.iter())),
+        expert_preact_rms: {
+            let count: usize = expert_caches.iter().map(|c| c.hidden.len()).sum();
+            let sum: f64 = expert_caches.iter().map(|c| c.u_sq_sum).sum();
+            if count == 0 {
+                0.0
+            } else {
+                (sum / count as f64).sqrt()
+            }
+        },
         out_rms: rms(out.iter()),
     };
     let load = routing.load_stats();
@@ -276,12 +322,11 @@ pub fn moe_forward<F: Real>(
 fn expert_backward<F: Real>(
     grad_z: ArrayView2<F>,
     a_e: ArrayView2<F>,
-    c_u: &Array2<F>,
     c_hidden: &Array2<F>,
+    c_slope: &Array2<F>,
     up: ArrayView2<F>,
     down: ArrayView2<F>,
     mult: &MoeMultipliers,
-    act: Activation,
 ) -> (Array2<F>, Array2<F>, Array2<F>) {
     let m_down = F::of(mult.down);
     let m_up = F::of(mult.up);
@@ -289,8 +334,8 @@ fn expert_backward<F: Real>(
     d_down.mapv_inplace(|v| v * m_down);
     let mut du = grad_z.dot(&down);
     Zip::from(&mut du)
-        .and(c_u)
-        .for_each(|d, &u| *d = *d * m_down * F::of(act.derivative(u.to_f64().unwrap_or(f64::NAN))));
+        .and(c_slope)
+        .for_each(|d, &slope| *d = *d * m_down * slope);
     let mut d_up = du.t().dot(&a_e);
     d_up.mapv_inplace(|v| v * m_up);
     let mut da = du.dot(&up);
@@ -299,11 +344,12 @@ fn expert_backward<F: Real>(
 }
 
 /// Backward pass: returns (dL/da, parameter gradients) given dL/d(out) (T x N). Includes the gradients
-/// of the layer's weighted auxiliary losses (balance loss, z-loss).
+/// of the layer's weighted auxiliary losses (balance loss, z-loss). The activation's slope was cached by
+/// the forward pass, so `_act` is not needed; it stays in the signature to mirror [`moe_forward`].
 pub fn moe_backward<F: Real>(
     w: &MoeWeights<F>,
     mult: &MoeMultipliers,
-    act: Activation,
+    _act: Activation,
     _routing_cfg: &RoutingConfig,
     cache: &MoeCache<F>,
     grad_out: ArrayView2<F>,
@@ -333,12 +379,11 @@ pub fn moe_backward<F: Real>(
             let (d_up, d_down, da) = expert_backward(
                 grad_z.view(),
                 a_e.view(),
-                &c.u,
                 &c.hidden,
+                &c.slope,
                 w.up.index_axis(Axis(0), e),
                 w.down.index_axis(Axis(0), e),
                 mult,
-                act,
             );
             (d_up, d_down, da, d_gate)
         })
@@ -367,12 +412,11 @@ pub fn moe_backward<F: Real>(
                 expert_backward(
                     grad_out,
                     cache.a.view(),
-                    &c.u,
                     &c.hidden,
+                    &c.slope,
                     su.index_axis(Axis(0), s),
                     sd.index_axis(Axis(0), s),
                     mult,
-                    act,
                 )
             })
             .collect();
