@@ -292,6 +292,11 @@ pub fn run_loop<F: Real>(
         let finite = out.loss.is_finite() && out.aux_loss.is_finite() && grad_norm.is_finite();
 
         let param_sq: Vec<f64> = model.store().params.iter().map(|p| sum_sq(&p.value)).collect();
+        // Validation of the same parameters the training loss was measured on, before the update.
+        let due = settings.eval_every > 0 && step % settings.eval_every == 0;
+        let t_eval = Instant::now();
+        let val_loss = if finite && due { evaluate(&*model, &mut eval_rng)? } else { None };
+        let eval_seconds = t_eval.elapsed().as_secs_f64();
         let mut clip_scale = 1.0;
         let mut update_sq = vec![0.0; grads.len()];
         if finite {
@@ -306,10 +311,8 @@ pub fn run_loop<F: Real>(
             model.after_step(&out.load);
             tokens += batch_tokens;
         }
-        train_seconds += t0.elapsed().as_secs_f64();
+        train_seconds += t0.elapsed().as_secs_f64() - eval_seconds;
 
-        let due = settings.eval_every > 0 && step % settings.eval_every == 0;
-        let val_loss = if finite && due { evaluate(&*model, &mut eval_rng)? } else { None };
         if let Some(v) = val_loss {
             result.val_losses.push((step, v));
         }
