@@ -102,6 +102,11 @@ fn dmft_matches_exact_linear_frozen_router() {
         let ex = exact::solve_linear_frozen_router(&cfg, &task).unwrap();
         let mc = dmft::solve(&cfg, &task, None).unwrap();
         let err = mc.loss_err.as_ref().unwrap();
+        let worst = (0..=cfg.steps).map(|t| (mc.loss[t] - ex.loss[t]).abs() / err[t].max(1e-300)).fold(0.0, f64::max);
+        eprintln!(
+            "depth {depth}: exact final {:.6}, MC {:.6} +- {:.6}; worst |MC - exact| / error bar over steps {worst:.2}",
+            ex.loss[cfg.steps], mc.loss[cfg.steps], err[cfg.steps]
+        );
         for t in 0..=cfg.steps {
             let gap = (mc.loss[t] - ex.loss[t]).abs();
             assert!(
