@@ -7,6 +7,7 @@ pub mod bench;
 pub mod compare;
 pub mod coord_check;
 pub mod figures;
+pub mod gpu;
 pub mod param;
 pub mod solve;
 pub mod sweep;
@@ -37,6 +38,9 @@ pub enum Command {
     Figures(figures::Args),
     /// Benchmarks with ratios against a baseline measured in the same run.
     Bench(bench::Args),
+    /// GPU backend: probe, train, CPU-vs-GPU check, timing (feature `cuda`; used by validation/gpu).
+    #[command(hide = true)]
+    Gpu(gpu::Args),
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -74,6 +78,7 @@ pub fn run(command: Command) -> crate::Result<()> {
         Command::Sweep(a) => sweep::run(a),
         Command::Figures(a) => figures::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Gpu(a) => gpu::run(a),
     }
 }
 
