@@ -195,3 +195,41 @@ fn bad_input_exits_2_and_names_the_field() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--threads"));
 }
+
+#[test]
+fn every_example_config_validates_and_the_corpus_example_runs_when_present() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("train_") && name.ends_with(".toml")) {
+            continue;
+        }
+        let cfg = TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        seen += 1;
+    }
+    assert!(seen >= 3, "expected the resnet, transformer and markov examples, found {seen}");
+
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("data-cache/shakespeare/corpus.txt");
+    if !corpus.exists() {
+        println!("note: Shakespeare corpus absent; train_transformer_tiny.toml not run (scripts/get_corpus.sh fetches it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = Command::new(BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--config", "examples/train_transformer_tiny.toml", "--out"])
+        .arg(&out)
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(&read(&out.join("summary.json"))).unwrap();
+    let (first, last) = (summary["initial_loss"].as_f64().unwrap(), summary["final_loss"].as_f64().unwrap());
+    // Starts near ln(89) = 4.49 (uniform over the vocabulary) and learns character frequencies at least.
+    assert!((first - 89f64.ln()).abs() < 0.3, "initial loss {first}");
+    assert!(last < first - 0.3, "loss {first} -> {last}");
+}
