@@ -314,3 +314,26 @@ fn mean_field_sgd_reduces_the_loss_on_the_default_task() {
     let router = model.store().index_of("blocks.0.moe.router").unwrap();
     assert!(model.store().params[router].value.iter().any(|&v| v != 0.0));
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let routing = RoutingConfig { capacity_factor: Some(1.0), shared_experts: 1, balance_loss: 0.01, ..RoutingConfig::default() };
+    let cfg = ResNetConfig {
+        input_dim: 6,
+        outputs: 1,
+        sizes: Sizes { width: 24, depth: 2, experts: 8, active: 2, expert_hidden: 12 },
+        activation: Activation::Gelu,
+        norm: true,
+        routing,
+    };
+    let model = MoeResNet::<f32>::new(&cfg, &check_hp(cfg.sizes), &mut rng(0)).unwrap();
+    let batch = regression_batch(64, 6, 1, 3);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| model.loss_and_grad(&batch, &mut rng(5)).unwrap())
+    };
+    let (one, two) = (run(1), run(2));
+    assert_eq!(one.loss, two.loss);
+    assert_eq!(one.grads, two.grads);
+    assert_eq!(one.load, two.load);
+}
