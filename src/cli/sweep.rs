@@ -10,9 +10,10 @@ use crate::train::sweep::{self, Shard, SweepConfig};
 pub struct Args {
     /// Sweep config (TOML): `[base]` (a train config), `[grid]` (axis, sizes, lr_log2, presets, seeds,
     /// init_scales), optional `[analysis]` (metric, window).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Output folder; results go to OUT/runs/<id>/, the summary to OUT/summary.{md,json}.
+    #[arg(long, required_unless_present = "collect")]
+    pub config: Option<PathBuf>,
+    /// Output folder; results go to OUT/runs/<id>/, the summary to OUT/summary.{md,json}. With
+    /// `--collect`: where transfer.md and the transfer figures go.
     #[arg(long)]
     pub out: PathBuf,
     /// Run only the grid points whose index is i modulo n (0-based), e.g. `--shard $SLURM_ARRAY_TASK_ID/8`.
@@ -24,12 +25,30 @@ pub struct Args {
     pub resume: bool,
     /// Run nothing: rebuild OUT/summary.{md,json} and OUT/figures/ from the results present (e.g. once
     /// all shards of a job array have finished).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "collect")]
     pub summary_only: bool,
+    /// Run nothing: read the summary.json of each of these sweep folders and write OUT/transfer.md (optimum
+    /// LR per size and its drift, per axis and preset) with the figures OUT/transfer_*.{png,svg}.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["config", "shard", "resume"])]
+    pub collect: Vec<PathBuf>,
+    /// With `--collect`: the largest drift (log2 units across an axis) that counts as transfer.
+    #[arg(long, default_value_t = 0.5)]
+    pub tolerance: f64,
 }
 
 pub fn run(args: Args) -> crate::Result<()> {
-    let cfg = SweepConfig::from_file(&args.config)?;
+    if !args.collect.is_empty() {
+        if !(args.tolerance.is_finite() && args.tolerance >= 0.0) {
+            return Err(crate::Error::invalid("tolerance", "must be finite and non-negative"));
+        }
+        let summaries = sweep::collect(&args.collect, &args.out, args.tolerance)?;
+        println!("{} sweeps collected into {}", summaries.len(), args.out.join("transfer.md").display());
+        return Ok(());
+    }
+    let Some(config) = &args.config else {
+        return Err(crate::Error::invalid("config", "is required (unless --collect is given)"));
+    };
+    let cfg = SweepConfig::from_file(config)?;
     if args.summary_only {
         let summary = sweep::summarize(&cfg, &args.out)?;
         sweep::write_summary(&summary, &args.out)?;

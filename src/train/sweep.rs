@@ -731,6 +731,12 @@ pub struct SweepSummary {
     /// Ids of grid points without a record yet.
     pub missing: Vec<String>,
     pub presets: Vec<PresetAnalysis>,
+    /// Training tokens of a finished (not diverged) run: the sweep's fixed budget (`None` if unknown).
+    #[serde(default)]
+    pub tokens_per_run: Option<u64>,
+    /// Sum of the wall times of all finished runs (seconds).
+    #[serde(default)]
+    pub wall_s: f64,
     /// Records of the current grid's points, in grid order.
     pub runs: Vec<RunRecord>,
 }
@@ -785,6 +791,8 @@ pub fn summarize(cfg: &SweepConfig, out: &Path) -> Result<SweepSummary> {
         diverged: runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count(),
         missing,
         presets,
+        tokens_per_run: runs.iter().filter(|r| r.outcome.status == RunStatus::Ok).find_map(|r| r.outcome.tokens),
+        wall_s: runs.iter().map(|r| r.wall_s).sum(),
         runs,
     })
 }
@@ -854,7 +862,7 @@ impl SweepSummary {
         for p in &self.presets {
             match &p.drift {
                 Some(d) => s.push_str(&format!(
-                    "| {} | {} | {:.1} | {:.3} | {} | {:+.3} | {} | {} | {:.0} s |\n",
+                    "| {} | {} | {:.1} | {:.3} | {} | {:+.3} | {} | {} | {:.1} s |\n",
                     p.label(),
                     d.sizes,
                     d.doublings,
@@ -865,7 +873,7 @@ impl SweepSummary {
                     if d.all_bracketed { "yes" } else { "no" },
                     p.wall_s
                 )),
-                None => s.push_str(&format!("| {} | <2 | | n/a | | | | | {:.0} s |\n", p.label(), p.wall_s)),
+                None => s.push_str(&format!("| {} | <2 | | n/a | | | | | {:.1} s |\n", p.label(), p.wall_s)),
             }
         }
         s.push_str(&format!("\n## {} per (size, log2 LR)\n\n", self.metric.name()));
@@ -898,6 +906,93 @@ impl SweepSummary {
         }
         s
     }
+}
+
+/// HP transfer across several sweeps (one per axis, or one per (axis, preset)): one row per (axis, preset)
+/// with the optimum log2 LR of every size, the drift across the axis, and whether the drift stays within
+/// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5). A drift counts as within tolerance
+/// only when it is, every optimum is bracketed by the grid, and every size has an optimum.
+pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "| axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | within {tolerance} | runs (diverged) / grid | run wall time |\n"
+    ));
+    s.push_str("| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |\n");
+    for sum in summaries {
+        for p in &sum.presets {
+            let optima: Vec<String> = p
+                .sizes
+                .iter()
+                .map(|z| match &z.optimum {
+                    Some(o) => format!(
+                        "{}: {:.2}{}{}",
+                        z.size,
+                        o.lr_log2,
+                        o.std.map_or_else(String::new, |sd| format!(" +- {sd:.2}")),
+                        if o.bracketed { "" } else { " (edge)" }
+                    ),
+                    None => format!("{}: n/a", z.size),
+                })
+                .collect();
+            let complete = p.sizes.iter().all(|z| z.optimum.is_some());
+            let (drift, slope, verdict) = match &p.drift {
+                Some(d) => (
+                    format!("{:.2}{}", d.range, d.range_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
+                    format!("{:+.2}{}", d.per_doubling, d.per_doubling_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
+                    if !complete || !d.all_bracketed {
+                        "undecided"
+                    } else if d.range <= tolerance {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                ),
+                None => ("n/a".into(), "n/a".into(), "undecided"),
+            };
+            let runs: Vec<&RunRecord> = sum
+                .runs
+                .iter()
+                .filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale)
+                .collect();
+            let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
+            let grid = sum.grid_points / sum.presets.len().max(1);
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {drift} | {slope} | {verdict} | {} ({diverged}) / {grid} | {:.0} s |\n",
+                sum.axis.name(),
+                p.label(),
+                sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
+                optima.join("; "),
+                runs.len(),
+                p.wall_s
+            ));
+        }
+    }
+    s
+}
+
+/// Reads the `summary.json` of each sweep folder in `dirs`, writes `<out>/transfer.md` (the table of
+/// [`transfer_markdown`]) and the figures of [`figures::write_transfer_figures`]; returns the summaries.
+pub fn collect(dirs: &[PathBuf], out: &Path, tolerance: f64) -> Result<Vec<SweepSummary>> {
+    let mut summaries = Vec::new();
+    for d in dirs {
+        let path = d.join("summary.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+        let sum: SweepSummary =
+            serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.clone(), reason: e.to_string() })?;
+        summaries.push(sum);
+    }
+    std::fs::create_dir_all(out).map_err(write_err(out))?;
+    let mut md = String::from("# HP transfer: optimum learning rate across sizes\n\n");
+    md.push_str(&format!(
+        "Optimum: vertex of a parabola of the final loss in log2 LR near the best grid point, +- one standard \
+         deviation from the fit; `(edge)`: the best LR is at the end of the grid (drift undecided). Drift \
+         in log2 units across the whole range of each axis. Sweeps: {}.\n\n",
+        dirs.iter().map(|d| format!("`{}`", d.display())).collect::<Vec<_>>().join(", ")
+    ));
+    md.push_str(&transfer_markdown(&summaries, tolerance));
+    write_atomic(&out.join("transfer.md"), md.as_bytes())?;
+    figures::write_transfer_figures(&summaries, out)?;
+    Ok(summaries)
 }
 
 /// Writes `DIR/summary.json` and `DIR/summary.md` atomically, and the figures under `DIR/figures/`.
@@ -1103,6 +1198,41 @@ mod tests {
         let e = run_sweep(&other, dir.path(), Shard::default(), &synthetic, false).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("different [base]"));
+    }
+
+    #[test]
+    fn collected_transfer_report_gives_verdicts_per_axis_and_preset() {
+        let root = tempfile::tempdir().unwrap();
+        let mut dirs = Vec::new();
+        for axis in [Axis::Width, Axis::ExpertHidden] {
+            let mut cfg = config("");
+            cfg.grid.axis = axis;
+            cfg.grid.sizes = vec![32, 64, 128];
+            let dir = root.path().join(axis.name());
+            run_sweep(&cfg, &dir, Shard::default(), &synthetic, false).unwrap();
+            dirs.push(dir);
+        }
+        let out = root.path().join("transfer");
+        let sums = collect(&dirs, &out, 0.5).unwrap();
+        assert_eq!(sums.len(), 2);
+        assert_eq!(sums[0].tokens_per_run, Some(100));
+        let md = std::fs::read_to_string(out.join("transfer.md")).unwrap();
+        let row = |axis: &str, preset: &str| -> Vec<String> {
+            let line = md.lines().find(|l| l.starts_with(&format!("| {axis} | {preset} |"))).unwrap();
+            line.split('|').map(|c| c.trim().to_string()).collect()
+        };
+        // Columns: 4 optima, 5 drift, 6 per doubling, 7 verdict. moe-completep: optimum -6 at every size;
+        // sp: -6, -6.5, -7 (drift 1.0 > 0.5).
+        let r = row("width", "moe-completep");
+        assert!(r[5].starts_with("0.00") && r[6].starts_with("+0.00") && r[7] == "yes", "{md}");
+        let r = row("expert_hidden", "sp");
+        assert!(r[5].starts_with("1.00") && r[6].starts_with("-0.50") && r[7] == "no", "{md}");
+        assert!(row("width", "sp")[4].contains("128: -7.00"), "{md}");
+        for f in ["transfer_lr_curves.png", "transfer_lr_curves.svg", "transfer_drift.png"] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+        let e = collect(&[root.path().join("nothing")], &out, 0.5).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
     }
 
     #[test]

@@ -73,3 +73,20 @@ pub fn write_sweep_figures(summary: &SweepSummary, dir: &Path) -> Result<Vec<Pat
     }
     Ok(files)
 }
+
+/// Figures over several sweeps: `<dir>/transfer_lr_curves.{png,svg}` (one panel per (axis, preset), one
+/// row per axis) and `<dir>/transfer_drift.{png,svg}` (one panel per axis); returns the files written.
+pub fn write_transfer_figures(summaries: &[SweepSummary], dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let cols = summaries.iter().map(|s| s.presets.len()).max().unwrap_or(1).max(1);
+    let curves: Vec<Panel> = summaries.iter().flat_map(lr_curve_panels).collect();
+    if !curves.is_empty() {
+        files.extend(panel_grid(&dir.join("transfer_lr_curves"), "loss vs LR per (axis, preset)", &curves, cols)?);
+    }
+    let refs: Vec<&SweepSummary> = summaries.iter().collect();
+    let drift = drift_panels(&refs);
+    if !drift.is_empty() {
+        files.extend(panel_grid(&dir.join("transfer_drift"), "optimum LR drift", &drift, drift.len().min(4))?);
+    }
+    Ok(files)
+}
