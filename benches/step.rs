@@ -47,8 +47,7 @@ fn step(c: &mut Criterion) {
     for (name, sizes, moe_every) in [("moe", moe, 1), ("dense", dense, 0)] {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let hp = ParamConfig::default().resolve(&sizes).expect("valid sizes");
-        let model = MoeTransformer::<f32>::new(&config(sizes, moe_every), &hp, &mut rng)
-            .expect("valid config");
+        let model = MoeTransformer::<f32>::new(&config(sizes, moe_every), &hp, &mut rng).expect("valid config");
         let batch = random_tokens(BATCH, SEQ, 65, &mut rng);
         group.bench_function(BenchmarkId::new(name, "2 threads"), |b| {
             b.iter(|| pool.install(|| model.loss_and_grad(&batch, &mut rng).expect("step")))

@@ -1,9 +1,7 @@
 //! Causal attention: gradients against central finite differences (f64), causality, and agreement
 //! across thread counts.
 
-use moe_dmft::model::attention::{
-    attention_backward, attention_forward, AttentionConfig, AttentionWeights,
-};
+use moe_dmft::model::attention::{attention_backward, attention_forward, AttentionConfig, AttentionWeights};
 use ndarray::{Array, Array2, Array3};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -87,8 +85,7 @@ fn attention_gradients_match_central_differences() {
         let (mut p, mut m) = (s.x.clone(), s.x.clone());
         p[idx] += h;
         m[idx] -= h;
-        let fd =
-            (objective(&s, &s.qkv, &s.out, &p) - objective(&s, &s.qkv, &s.out, &m)) / (2.0 * h);
+        let fd = (objective(&s, &s.qkv, &s.out, &p) - objective(&s, &s.qkv, &s.out, &m)) / (2.0 * h);
         worst[2] = worst[2].max(rel_err(fd, *g));
     }
     assert!(
@@ -104,8 +101,7 @@ fn future_tokens_do_not_change_past_outputs() {
     let (y, _) = attention_forward(&w, &s.cfg, s.x.view());
     let mut x2 = s.x.clone();
     let last = x2.dim().1 - 1;
-    x2.slice_mut(ndarray::s![.., last, ..])
-        .mapv_inplace(|v| v + 3.0);
+    x2.slice_mut(ndarray::s![.., last, ..]).mapv_inplace(|v| v + 3.0);
     let (y2, _) = attention_forward(&w, &s.cfg, x2.view());
     let past = ndarray::s![.., ..last, ..];
     assert_eq!(y.slice(past), y2.slice(past));
@@ -143,10 +139,7 @@ fn thread_count_does_not_change_results_beyond_rounding() {
     let out = randn((n, n), 0.2, &mut rng);
     let x = randn((b, t, n), 1.0, &mut rng);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let w = weights(&qkv, &out);
             let (y, cache) = attention_forward(&w, &cfg, x.view());

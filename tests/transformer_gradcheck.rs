@@ -71,12 +71,7 @@ fn config(routing: RoutingConfig) -> TransformerConfig {
 fn check(cfg: &TransformerConfig, seed: u64) -> Vec<moe_dmft::routing::LoadStats> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut model = MoeTransformer::<f64>::new(cfg, &hp(cfg.sizes), &mut rng).unwrap();
-    for p in model
-        .store_mut()
-        .params
-        .iter_mut()
-        .filter(|p| p.group == Group::Norm)
-    {
+    for p in model.store_mut().params.iter_mut().filter(|p| p.group == Group::Norm) {
         p.value
             .iter_mut()
             .enumerate()
@@ -91,10 +86,7 @@ fn check(cfg: &TransformerConfig, seed: u64) -> Vec<moe_dmft::routing::LoadStats
     };
     let report = check_model(&mut model, &batch, &opts).unwrap();
     let summary = report.summary();
-    println!(
-        "seed {seed}: max relative error {:.2e}",
-        report.max_rel_error()
-    );
+    println!("seed {seed}: max relative error {:.2e}", report.max_rel_error());
     assert!(
         report.max_rel_error() < 1e-5,
         "max relative error {:.3e}\n{summary}",
@@ -102,11 +94,7 @@ fn check(cfg: &TransformerConfig, seed: u64) -> Vec<moe_dmft::routing::LoadStats
     );
     for p in &report.params {
         if p.group != Group::ExpertBias {
-            assert!(
-                p.max_abs_grad > 1e-6,
-                "vacuous check for `{}`\n{summary}",
-                p.name
-            );
+            assert!(p.max_abs_grad > 1e-6, "vacuous check for `{}`\n{summary}", p.name);
         }
     }
     let out = model
@@ -116,8 +104,7 @@ fn check(cfg: &TransformerConfig, seed: u64) -> Vec<moe_dmft::routing::LoadStats
 }
 
 fn all_groups_present(cfg: &TransformerConfig) {
-    let model =
-        MoeTransformer::<f64>::new(cfg, &hp(cfg.sizes), &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
+    let model = MoeTransformer::<f64>::new(cfg, &hp(cfg.sizes), &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
     for g in [
         Group::Embedding,
         Group::AttnQkv,
@@ -252,9 +239,6 @@ fn with_trained_balancing_bias() {
         },
     )
     .unwrap();
-    println!(
-        "trained bias: max relative error {:.2e}",
-        report.max_rel_error()
-    );
+    println!("trained bias: max relative error {:.2e}", report.max_rel_error());
     assert!(report.max_rel_error() < 1e-5, "{}", report.summary());
 }

@@ -93,10 +93,7 @@ fn toml_rejects_unknown_keys_and_round_trips() {
 #[test]
 fn parameterization_must_match_the_sizes() {
     let cfg = small();
-    let other = Sizes {
-        width: 32,
-        ..cfg.sizes
-    };
+    let other = Sizes { width: 32, ..cfg.sizes };
     let hp = ParamConfig::default().resolve(&other).unwrap();
     let err = MoeTransformer::<f64>::new(&cfg, &hp, &mut ChaCha8Rng::seed_from_u64(0)).unwrap_err();
     assert_eq!(invalid_field(err), "param.sizes");
@@ -178,24 +175,13 @@ fn dense_baseline_equals_a_single_expert_moe() {
     }
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let batch = random_tokens(3, 6, dense_cfg.vocab, &mut rng);
-    let a = dense
-        .loss_and_grad(&batch, &mut ChaCha8Rng::seed_from_u64(6))
-        .unwrap();
-    let b = moe
-        .loss_and_grad(&batch, &mut ChaCha8Rng::seed_from_u64(6))
-        .unwrap();
+    let a = dense.loss_and_grad(&batch, &mut ChaCha8Rng::seed_from_u64(6)).unwrap();
+    let b = moe.loss_and_grad(&batch, &mut ChaCha8Rng::seed_from_u64(6)).unwrap();
     assert!((a.loss - b.loss).abs() < 1e-12, "{} vs {}", a.loss, b.loss);
     for (i, p) in dense.store().params.iter().enumerate() {
-        let j = moe
-            .store()
-            .index_of(&p.name.replace(".ffn.", ".moe."))
-            .unwrap();
+        let j = moe.store().index_of(&p.name.replace(".ffn.", ".moe.")).unwrap();
         let diff = (&a.grads[i] - &b.grads[j].to_shape(a.grads[i].shape()).unwrap()).mapv(f64::abs);
-        assert!(
-            diff.iter().all(|&d| d < 1e-12),
-            "gradient of {} differs",
-            p.name
-        );
+        assert!(diff.iter().all(|&d| d < 1e-12), "gradient of {} differs", p.name);
     }
 }
 
@@ -209,10 +195,7 @@ fn same_seed_and_threads_give_identical_steps() {
         ..small()
     };
     let run = || {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| {
             let model = build::<f32>(&cfg, 7);
             let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -261,8 +244,7 @@ fn balancing_bias_moves_against_the_load() {
     let out = model.loss_and_grad(&batch, &mut rng).unwrap();
     assert_eq!(out.load.len(), cfg.sizes.depth);
     model.after_step(&out.load);
-    let bias =
-        &model.store().params[model.store().index_of("blocks.0.moe.expert_bias").unwrap()].value;
+    let bias = &model.store().params[model.store().index_of("blocks.0.moe.expert_bias").unwrap()].value;
     let fractions = &out.load[0].fraction;
     let target = fractions.iter().sum::<f64>() / fractions.len() as f64;
     for (b, f) in bias.iter().zip(fractions) {
@@ -273,10 +255,7 @@ fn balancing_bias_moves_against_the_load() {
         } else {
             0.0
         };
-        assert!(
-            (b - expected).abs() < 1e-15,
-            "bias {b}, load {f}, target {target}"
-        );
+        assert!((b - expected).abs() < 1e-15, "bias {b}, load {f}, target {target}");
     }
 }
 
@@ -288,19 +267,10 @@ fn tied_embeddings_use_one_tensor_and_every_other_block_is_moe() {
         ..small()
     };
     let model = build::<f64>(&cfg, 13);
-    let names: Vec<&str> = model
-        .store()
-        .params
-        .iter()
-        .map(|p| p.name.as_str())
-        .collect();
+    let names: Vec<&str> = model.store().params.iter().map(|p| p.name.as_str()).collect();
     assert!(!names.contains(&"unembedding"));
     assert!(names.contains(&"blocks.0.ffn.expert_up") && names.contains(&"blocks.1.moe.router"));
-    assert!(!model
-        .store()
-        .params
-        .iter()
-        .any(|p| p.group == Group::Unembedding));
+    assert!(!model.store().params.iter().any(|p| p.group == Group::Unembedding));
     let mut rng = ChaCha8Rng::seed_from_u64(14);
     let out = model
         .loss_and_grad(&random_tokens(2, 8, cfg.vocab, &mut rng), &mut rng)
@@ -338,16 +308,9 @@ fn diagnostics_cover_every_block() {
             "ffn_out_rms",
         ] {
             let name = format!("block{l}.{key}");
-            let v = out
-                .diagnostics
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| *v);
+            let v = out.diagnostics.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
             assert!(v.is_some_and(|v| v.is_finite() && v > 0.0), "{name}: {v:?}");
         }
     }
-    assert!(out
-        .diagnostics
-        .iter()
-        .any(|(k, v)| k == "logits_rms" && *v > 0.0));
+    assert!(out.diagnostics.iter().any(|(k, v)| k == "logits_rms" && *v > 0.0));
 }

@@ -152,16 +152,10 @@ impl Args {
         };
         let mut v = vec![
             (
-                format!(
-                    "moe (M={}, k={}, n={})",
-                    self.experts, self.active, self.expert_hidden
-                ),
+                format!("moe (M={}, k={}, n={})", self.experts, self.active, self.expert_hidden),
                 self.config(moe, 1),
             ),
-            (
-                format!("dense (hidden {})", dense.expert_hidden),
-                self.config(dense, 0),
-            ),
+            (format!("dense (hidden {})", dense.expert_hidden), self.config(dense, 0)),
         ];
         if !self.no_single_expert {
             v.push((
@@ -201,10 +195,7 @@ pub fn bench(args: &Args) -> crate::Result<Report> {
     })
 }
 
-fn time_models<F: Real>(
-    args: &Args,
-    configs: &[(String, TransformerConfig)],
-) -> crate::Result<Vec<Timing>> {
+fn time_models<F: Real>(args: &Args, configs: &[(String, TransformerConfig)]) -> crate::Result<Vec<Timing>> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut models = Vec::new();
     for (_, cfg) in configs {
@@ -291,8 +282,7 @@ pub fn run(args: Args) -> crate::Result<()> {
         report.ratio_moe_over_dense
     );
     if let Some(path) = &args.json {
-        let text =
-            serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(path, text).map_err(|source| Error::Write {
             path: path.clone(),
             source,

@@ -76,9 +76,7 @@ pub fn par_matmul<F: Real>(a: ArrayView2<F>, b: ArrayView2<F>) -> Array2<F> {
     c.axis_chunks_iter_mut(Axis(0), chunk)
         .into_par_iter()
         .zip(a.axis_chunks_iter(Axis(0), chunk).into_par_iter())
-        .for_each(|(mut c_rows, a_rows)| {
-            general_mat_mul(F::one(), &a_rows, &b, F::zero(), &mut c_rows)
-        });
+        .for_each(|(mut c_rows, a_rows)| general_mat_mul(F::one(), &a_rows, &b, F::zero(), &mut c_rows));
     c
 }
 
@@ -94,9 +92,7 @@ fn check_shapes<F>(w: &AttentionWeights<F>, cfg: &AttentionConfig, width: usize)
 /// Causal softmax of `scores` (T x T) in place; entries above the diagonal become 0.
 fn causal_softmax<F: Real>(scores: &mut Array2<F>) {
     for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
-        let max = row
-            .slice(s![..=i])
-            .fold(F::neg_infinity(), |m, &v| m.max(v));
+        let max = row.slice(s![..=i]).fold(F::neg_infinity(), |m, &v| m.max(v));
         let mut total = F::zero();
         for v in row.slice_mut(s![..=i]).iter_mut() {
             *v = (*v - max).exp();
@@ -131,14 +127,8 @@ pub fn attention_forward<F: Real>(
             let (b, h) = (pair / n_head, pair % n_head);
             let rows = b * seq..(b + 1) * seq;
             let q = qkv.slice(s![rows.clone(), h * d_head..(h + 1) * d_head]);
-            let k = qkv.slice(s![
-                rows.clone(),
-                width + h * d_head..width + (h + 1) * d_head
-            ]);
-            let v = qkv.slice(s![
-                rows,
-                2 * width + h * d_head..2 * width + (h + 1) * d_head
-            ]);
+            let k = qkv.slice(s![rows.clone(), width + h * d_head..width + (h + 1) * d_head]);
+            let v = qkv.slice(s![rows, 2 * width + h * d_head..2 * width + (h + 1) * d_head]);
             let mut probs = q.dot(&k.t());
             probs.mapv_inplace(|z| z * scale);
             causal_softmax(&mut probs);
@@ -158,9 +148,7 @@ pub fn attention_forward<F: Real>(
     }
     let mut out = par_matmul(context.view(), w.out.t());
     out.mapv_inplace(|v| v * F::of(w.out_multiplier));
-    let out = out
-        .into_shape_with_order((batch, seq, width))
-        .expect("standard layout");
+    let out = out.into_shape_with_order((batch, seq, width)).expect("standard layout");
     (
         out,
         AttentionCache {
@@ -185,9 +173,7 @@ pub fn attention_backward<F: Real>(
     let width = cache.input.ncols();
     let (n_head, d_head) = (cfg.n_head, width / cfg.n_head);
     let scale = F::of(cfg.logit_multiplier / d_head as f64);
-    let grad_y = grad_y
-        .to_shape((batch * seq, width))
-        .expect("contiguous tokens");
+    let grad_y = grad_y.to_shape((batch * seq, width)).expect("contiguous tokens");
 
     let out_mult = F::of(w.out_multiplier);
     let mut grad_out_w = par_matmul(grad_y.t(), cache.context.view());
@@ -200,17 +186,13 @@ pub fn attention_backward<F: Real>(
         .map(|pair| {
             let (b, h) = (pair / n_head, pair % n_head);
             let rows = b * seq..(b + 1) * seq;
-            let q = cache
+            let q = cache.qkv.slice(s![rows.clone(), h * d_head..(h + 1) * d_head]);
+            let k = cache
                 .qkv
-                .slice(s![rows.clone(), h * d_head..(h + 1) * d_head]);
-            let k = cache.qkv.slice(s![
-                rows.clone(),
-                width + h * d_head..width + (h + 1) * d_head
-            ]);
-            let v = cache.qkv.slice(s![
-                rows.clone(),
-                2 * width + h * d_head..2 * width + (h + 1) * d_head
-            ]);
+                .slice(s![rows.clone(), width + h * d_head..width + (h + 1) * d_head]);
+            let v = cache
+                .qkv
+                .slice(s![rows.clone(), 2 * width + h * d_head..2 * width + (h + 1) * d_head]);
             let d_head_out = grad_context.slice(s![rows, h * d_head..(h + 1) * d_head]);
             let probs = &cache.probs[pair];
             let dv = probs.t().dot(&d_head_out);
@@ -237,16 +219,10 @@ pub fn attention_backward<F: Real>(
             .slice_mut(s![rows.clone(), h * d_head..(h + 1) * d_head])
             .assign(&dq);
         grad_qkv
-            .slice_mut(s![
-                rows.clone(),
-                width + h * d_head..width + (h + 1) * d_head
-            ])
+            .slice_mut(s![rows.clone(), width + h * d_head..width + (h + 1) * d_head])
             .assign(&dk);
         grad_qkv
-            .slice_mut(s![
-                rows,
-                2 * width + h * d_head..2 * width + (h + 1) * d_head
-            ])
+            .slice_mut(s![rows, 2 * width + h * d_head..2 * width + (h + 1) * d_head])
             .assign(&dv);
     }
     let qkv_mult = F::of(w.qkv_multiplier);

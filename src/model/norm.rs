@@ -18,11 +18,7 @@ pub struct NormCache<F> {
 }
 
 /// RMS norm of every row of `x` (T x N) times `gain` (N).
-pub fn rms_norm_forward<F: Real>(
-    x: ArrayView2<F>,
-    gain: ArrayView1<F>,
-    eps: f64,
-) -> (Array2<F>, NormCache<F>) {
+pub fn rms_norm_forward<F: Real>(x: ArrayView2<F>, gain: ArrayView1<F>, eps: f64) -> (Array2<F>, NormCache<F>) {
     let width = x.ncols();
     let inv_width = F::of(1.0 / width as f64);
     let eps = F::of(eps);
@@ -36,13 +32,7 @@ pub fn rms_norm_forward<F: Real>(
         .collect();
     let normalized = &x * &inv_rms.view().insert_axis(Axis(1));
     let y = &normalized * &gain.view().insert_axis(Axis(0));
-    (
-        y,
-        NormCache {
-            normalized,
-            inv_rms,
-        },
-    )
+    (y, NormCache { normalized, inv_rms })
 }
 
 /// Backward of [`rms_norm_forward`]: returns `(dL/dx, dL/dgain)`.
@@ -62,11 +52,7 @@ pub fn rms_norm_backward<F: Real>(
         .and(cache.normalized.rows())
         .and(&cache.inv_rms)
         .for_each(|mut d, xhat, &r| {
-            let proj = d
-                .iter()
-                .zip(xhat.iter())
-                .fold(F::zero(), |acc, (&a, &b)| acc + a * b)
-                * inv_width;
+            let proj = d.iter().zip(xhat.iter()).fold(F::zero(), |acc, (&a, &b)| acc + a * b) * inv_width;
             Zip::from(&mut d)
                 .and(&xhat)
                 .for_each(|dv, &xv| *dv = r * (*dv - xv * proj));
@@ -122,18 +108,15 @@ mod tests {
                 let (mut xp, mut xm) = (x.clone(), x.clone());
                 xp[[i, j]] += h;
                 xm[[i, j]] -= h;
-                let fd = (objective(&xp, &gain, &probe, eps) - objective(&xm, &gain, &probe, eps))
-                    / (2.0 * h);
-                worst =
-                    worst.max((fd - dx[[i, j]]).abs() / fd.abs().max(dx[[i, j]].abs()).max(1e-8));
+                let fd = (objective(&xp, &gain, &probe, eps) - objective(&xm, &gain, &probe, eps)) / (2.0 * h);
+                worst = worst.max((fd - dx[[i, j]]).abs() / fd.abs().max(dx[[i, j]].abs()).max(1e-8));
             }
         }
         for j in 0..n {
             let (mut gp, mut gm) = (gain.clone(), gain.clone());
             gp[j] += h;
             gm[j] -= h;
-            let fd =
-                (objective(&x, &gp, &probe, eps) - objective(&x, &gm, &probe, eps)) / (2.0 * h);
+            let fd = (objective(&x, &gp, &probe, eps) - objective(&x, &gm, &probe, eps)) / (2.0 * h);
             worst = worst.max((fd - dgain[j]).abs() / fd.abs().max(dgain[j].abs()).max(1e-8));
         }
         assert!(worst < 1e-7, "max relative error {worst}");

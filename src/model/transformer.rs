@@ -26,12 +26,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    attention_backward, attention_forward, par_matmul, AttentionCache, AttentionConfig,
-    AttentionWeights,
+    attention_backward, attention_forward, par_matmul, AttentionCache, AttentionConfig, AttentionWeights,
 };
-use super::moe::{
-    moe_backward, moe_forward, normal_init, MoeCache, MoeMultipliers, MoeParamIds, MoeShape,
-};
+use super::moe::{moe_backward, moe_forward, normal_init, MoeCache, MoeMultipliers, MoeParamIds, MoeShape};
 use super::norm::{rms_norm_backward, rms_norm_forward, NormCache};
 use super::{Activation, Batch, Grads, Model, ParamStore, Real, StepOutput};
 use crate::param::{Group, Resolved, Sizes};
@@ -143,10 +140,7 @@ impl TransformerConfig {
             ));
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return Err(Error::invalid(
-                "model.norm_eps",
-                "must be finite and positive",
-            ));
+            return Err(Error::invalid("model.norm_eps", "must be finite and positive"));
         }
         if !(self.attn_logit_multiplier.is_finite() && self.attn_logit_multiplier > 0.0) {
             return Err(Error::invalid(
@@ -214,10 +208,11 @@ struct BlockCache<F> {
 
 enum FfnCache<F> {
     Moe(MoeCache<F>),
+    /// FFN input, `phi(u)` and `phi'(u)` (the slope is kept so the backward needs no second tanh).
     Dense {
         input: Array2<F>,
-        pre: Array2<F>,
         hidden: Array2<F>,
+        slope: Array2<F>,
     },
 }
 
@@ -239,11 +234,32 @@ struct ForwardPass<F> {
 
 fn rms<F: Real>(a: ArrayView2<F>) -> f64 {
     let n = a.len().max(1) as f64;
-    (a.iter()
-        .map(|v| v.to_f64().unwrap_or(f64::NAN).powi(2))
-        .sum::<f64>()
-        / n)
-        .sqrt()
+    (a.iter().map(|v| v.to_f64().unwrap_or(f64::NAN).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+/// `(phi(x), phi'(x))` in the network's float type with the formulas of [`Activation::apply`] and
+/// [`Activation::derivative`]: f32 training avoids a round trip through f64 and a second tanh.
+fn activation_and_slope<F: Real>(act: Activation, x: F) -> (F, F) {
+    match act {
+        Activation::Relu => {
+            if x > F::zero() {
+                (x, F::one())
+            } else {
+                (F::zero(), F::zero())
+            }
+        }
+        Activation::Tanh => {
+            let t = x.tanh();
+            (t, F::one() - t * t)
+        }
+        Activation::Gelu => {
+            let (c, a, half, one) = (F::of(0.7978845608028654), F::of(0.044715), F::of(0.5), F::one());
+            let t = (c * (x + a * x * x * x)).tanh();
+            let slope = half * (one + t) + half * x * (one - t * t) * c * (one + F::of(3.0) * a * x * x);
+            (half * x * (one + t), slope)
+        }
+        Activation::Linear => (x, F::one()),
+    }
 }
 
 fn view1<F: Real>(p: &ArrayD<F>) -> ArrayView1<'_, F> {
@@ -266,11 +282,7 @@ fn scaled<F: Real>(mut a: Array2<F>, factor: f64) -> Array2<F> {
 
 impl<F: Real> MoeTransformer<F> {
     /// Builds the model with weights initialised from `hp` (init std per group) using `rng`.
-    pub fn new(
-        cfg: &TransformerConfig,
-        hp: &Resolved,
-        rng: &mut ChaCha8Rng,
-    ) -> crate::Result<Self> {
+    pub fn new(cfg: &TransformerConfig, hp: &Resolved, rng: &mut ChaCha8Rng) -> crate::Result<Self> {
         cfg.validate()?;
         if hp.sizes != cfg.sizes {
             return Err(Error::invalid(
@@ -424,10 +436,7 @@ impl<F: Real> MoeTransformer<F> {
     /// Splits a token batch into inputs and targets after checking ids and length.
     fn tokens(&self, batch: &Batch) -> crate::Result<(usize, usize, Vec<u32>, Vec<u32>)> {
         let Batch::Tokens { ids } = batch else {
-            return Err(Error::invalid(
-                "batch",
-                "the MoE-Transformer takes token batches",
-            ));
+            return Err(Error::invalid("batch", "the MoE-Transformer takes token batches"));
         };
         let (b, cols) = ids.dim();
         if b == 0 || cols < 2 {
@@ -440,19 +449,13 @@ impl<F: Real> MoeTransformer<F> {
         if seq > self.cfg.seq_len {
             return Err(Error::invalid(
                 "batch.ids",
-                format!(
-                    "sequences of {seq} inputs exceed model.seq_len = {}",
-                    self.cfg.seq_len
-                ),
+                format!("sequences of {seq} inputs exceed model.seq_len = {}", self.cfg.seq_len),
             ));
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
             return Err(Error::invalid(
                 "batch.ids",
-                format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.cfg.vocab
-                ),
+                format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab),
             ));
         }
         let inputs = ids.slice(s![.., ..seq]).iter().copied().collect();
@@ -482,21 +485,16 @@ impl<F: Real> MoeTransformer<F> {
         let (mut aux_loss, mut load) = (0.0, Vec::new());
         for (l, ids) in self.blocks.iter().enumerate() {
             let p = &self.store.params;
-            let (a, attn_norm) =
-                rms_norm_forward(h.view(), view1(&p[ids.attn_norm].value), self.cfg.norm_eps);
-            let a3 = a
-                .into_shape_with_order((b, seq, width))
-                .expect("standard layout");
-            let (attn_out, attn) =
-                attention_forward(&self.attention_weights(ids), &attn_cfg, a3.view());
+            let (a, attn_norm) = rms_norm_forward(h.view(), view1(&p[ids.attn_norm].value), self.cfg.norm_eps);
+            let a3 = a.into_shape_with_order((b, seq, width)).expect("standard layout");
+            let (attn_out, attn) = attention_forward(&self.attention_weights(ids), &attn_cfg, a3.view());
             let attn_out = attn_out
                 .into_shape_with_order((tokens, width))
                 .expect("standard layout");
             diagnostics.push((format!("block{l}.attn_out_rms"), rms(attn_out.view())));
             h.scaled_add(F::of(beta), &attn_out);
 
-            let (a, ffn_norm) =
-                rms_norm_forward(h.view(), view1(&p[ids.ffn_norm].value), self.cfg.norm_eps);
+            let (a, ffn_norm) = rms_norm_forward(h.view(), view1(&p[ids.ffn_norm].value), self.cfg.norm_eps);
             let (ffn_out, ffn) = match &ids.ffn {
                 FfnIds::Moe(moe_ids) => {
                     let w = moe_ids.weights(&self.store)?;
@@ -510,27 +508,21 @@ impl<F: Real> MoeTransformer<F> {
                         a.view(),
                         rng,
                     )?;
-                    diagnostics.push((
-                        format!("block{l}.router_logits_rms"),
-                        o.diagnostics.router_logits_rms,
-                    ));
-                    diagnostics.push((
-                        format!("block{l}.expert_preact_rms"),
-                        o.diagnostics.expert_preact_rms,
-                    ));
+                    diagnostics.push((format!("block{l}.router_logits_rms"), o.diagnostics.router_logits_rms));
+                    diagnostics.push((format!("block{l}.expert_preact_rms"), o.diagnostics.expert_preact_rms));
                     aux_loss += o.aux_loss;
                     load.push(o.load);
                     (o.out, FfnCache::Moe(o.cache))
                 }
                 FfnIds::Dense { up, down } => {
-                    let (out, pre, hidden) = self.dense_forward(a.view(), *up, *down);
-                    diagnostics.push((format!("block{l}.expert_preact_rms"), rms(pre.view())));
+                    let (out, hidden, slope, pre_rms) = self.dense_forward(a.view(), *up, *down);
+                    diagnostics.push((format!("block{l}.expert_preact_rms"), pre_rms));
                     (
                         out,
                         FfnCache::Dense {
                             input: a,
-                            pre,
                             hidden,
+                            slope,
                         },
                     )
                 }
@@ -563,9 +555,9 @@ impl<F: Real> MoeTransformer<F> {
             .into_iter()
             .zip(targets.iter())
             .map(|(row, &y)| {
-                let max = row.iter().fold(f64::NEG_INFINITY, |m, v| {
-                    m.max(v.to_f64().unwrap_or(f64::NAN))
-                });
+                let max = row
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64().unwrap_or(f64::NAN)));
                 let lse = max
                     + row
                         .iter()
@@ -592,56 +584,59 @@ impl<F: Real> MoeTransformer<F> {
         })
     }
 
-    /// Dense FFN `m_down * phi(m_up * a U^T) V^T`; returns (output, preactivation, hidden).
-    fn dense_forward(
-        &self,
-        a: ArrayView2<F>,
-        up: usize,
-        down: usize,
-    ) -> (Array2<F>, Array2<F>, Array2<F>) {
+    /// Dense FFN `m_down * phi(m_up * a U^T) V^T`; returns (output, phi(u), phi'(u), RMS of u).
+    fn dense_forward(&self, a: ArrayView2<F>, up: usize, down: usize) -> (Array2<F>, Array2<F>, Array2<F>, f64) {
         let act = self.cfg.activation;
-        let pre = scaled(
-            par_matmul(a, view2(&self.store.params[up].value).t()),
-            self.mult.moe.up,
-        );
-        let mut hidden = pre.clone();
-        hidden.par_mapv_inplace(|v| F::of(act.apply(v.to_f64().unwrap_or(f64::NAN))));
+        let mut hidden = par_matmul(a, view2(&self.store.params[up].value).t());
+        let mut slope = Array2::<F>::zeros(hidden.raw_dim());
+        let m_up = F::of(self.mult.moe.up);
+        // Sums of u^2 per row, added in row order afterwards: deterministic for any thread count.
+        let row_sq: Vec<f64> = hidden
+            .axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(slope.axis_iter_mut(Axis(0)))
+            .map(|(mut h_row, mut s_row)| {
+                let mut sq = 0.0;
+                Zip::from(&mut h_row).and(&mut s_row).for_each(|h, d| {
+                    let u = *h * m_up;
+                    let x = u.to_f64().unwrap_or(f64::NAN);
+                    sq += x * x;
+                    (*h, *d) = activation_and_slope(act, u);
+                });
+                sq
+            })
+            .collect();
+        let pre_rms = (row_sq.iter().sum::<f64>() / hidden.len().max(1) as f64).sqrt();
         let out = scaled(
             par_matmul(hidden.view(), view2(&self.store.params[down].value).t()),
             self.mult.moe.down,
         );
-        (out, pre, hidden)
+        (out, hidden, slope, pre_rms)
     }
 
-    /// Backward of [`Self::dense_forward`]: returns dL/da and writes the weight gradients.
+    /// Backward of [`Self::dense_forward`]: returns dL/da and adds the weight gradients to `grads`.
     #[allow(clippy::too_many_arguments)]
     fn dense_backward(
         &self,
         grad_out: ArrayView2<F>,
         input: &Array2<F>,
-        pre: &Array2<F>,
         hidden: &Array2<F>,
+        slope: &Array2<F>,
         up: usize,
         down: usize,
         grads: &mut Grads<F>,
     ) -> Array2<F> {
-        let act = self.cfg.activation;
         let (m_up, m_down) = (self.mult.moe.up, self.mult.moe.down);
         let d_down = scaled(par_matmul(grad_out.t(), hidden.view()), m_down);
-        let mut d_pre = scaled(
-            par_matmul(grad_out, view2(&self.store.params[down].value)),
-            m_down,
-        );
+        let mut d_pre = par_matmul(grad_out, view2(&self.store.params[down].value));
+        let m_down_f = F::of(m_down);
         Zip::from(&mut d_pre)
-            .and(pre)
-            .par_for_each(|d, &u| *d = *d * F::of(act.derivative(u.to_f64().unwrap_or(f64::NAN))));
+            .and(slope)
+            .par_for_each(|d, &s| *d = *d * m_down_f * s);
         let d_up = scaled(par_matmul(d_pre.t(), input.view()), m_up);
         grads[up].scaled_add(F::one(), &d_up.into_dyn());
         grads[down].scaled_add(F::one(), &d_down.into_dyn());
-        scaled(
-            par_matmul(d_pre.view(), view2(&self.store.params[up].value)),
-            m_up,
-        )
+        scaled(par_matmul(d_pre.view(), view2(&self.store.params[up].value)), m_up)
     }
 
     fn backward(&self, fp: &ForwardPass<F>) -> crate::Result<Grads<F>> {
@@ -668,15 +663,8 @@ impl<F: Real> MoeTransformer<F> {
         let m_out = self.mult.unembedding;
         let d_unemb = scaled(par_matmul(d_logits.t(), fp.final_hidden.view()), m_out);
         grads[self.unembedding.unwrap_or(self.embedding)].scaled_add(F::one(), &d_unemb.into_dyn());
-        let d_final = scaled(
-            par_matmul(d_logits.view(), self.unembedding_matrix()),
-            m_out,
-        );
-        let (mut dh, d_gain) = rms_norm_backward(
-            &fp.final_norm,
-            view1(&p[self.final_norm].value),
-            d_final.view(),
-        );
+        let d_final = scaled(par_matmul(d_logits.view(), self.unembedding_matrix()), m_out);
+        let (mut dh, d_gain) = rms_norm_backward(&fp.final_norm, view1(&p[self.final_norm].value), d_final.view());
         grads[self.final_norm].scaled_add(F::one(), &d_gain.into_dyn());
 
         let beta = self.mult.residual;
@@ -697,36 +685,23 @@ impl<F: Real> MoeTransformer<F> {
                     moe_ids.add_grads(g, &mut grads);
                     d_a
                 }
-                (FfnIds::Dense { up, down }, FfnCache::Dense { input, pre, hidden }) => {
-                    self.dense_backward(d_branch.view(), input, pre, hidden, *up, *down, &mut grads)
+                (FfnIds::Dense { up, down }, FfnCache::Dense { input, hidden, slope }) => {
+                    self.dense_backward(d_branch.view(), input, hidden, slope, *up, *down, &mut grads)
                 }
-                _ => {
-                    return Err(Error::Internal(
-                        "block cache does not match the block kind".into(),
-                    ))
-                }
+                _ => return Err(Error::Internal("block cache does not match the block kind".into())),
             };
-            let (d_h, d_gain) =
-                rms_norm_backward(&cache.ffn_norm, view1(&p[ids.ffn_norm].value), d_a.view());
+            let (d_h, d_gain) = rms_norm_backward(&cache.ffn_norm, view1(&p[ids.ffn_norm].value), d_a.view());
             grads[ids.ffn_norm].scaled_add(F::one(), &d_gain.into_dyn());
             dh.scaled_add(F::one(), &d_h);
 
             let d_branch = scaled(dh.clone(), beta)
                 .into_shape_with_order((b, seq, width))
                 .expect("standard layout");
-            let (d_a, g) = attention_backward(
-                &self.attention_weights(ids),
-                &attn_cfg,
-                &cache.attn,
-                d_branch.view(),
-            );
+            let (d_a, g) = attention_backward(&self.attention_weights(ids), &attn_cfg, &cache.attn, d_branch.view());
             grads[ids.qkv].scaled_add(F::one(), &g.qkv.into_dyn());
             grads[ids.out].scaled_add(F::one(), &g.out.into_dyn());
-            let d_a = d_a
-                .into_shape_with_order((tokens, width))
-                .expect("standard layout");
-            let (d_h, d_gain) =
-                rms_norm_backward(&cache.attn_norm, view1(&p[ids.attn_norm].value), d_a.view());
+            let d_a = d_a.into_shape_with_order((tokens, width)).expect("standard layout");
+            let (d_h, d_gain) = rms_norm_backward(&cache.attn_norm, view1(&p[ids.attn_norm].value), d_a.view());
             grads[ids.attn_norm].scaled_add(F::one(), &d_gain.into_dyn());
             dh.scaled_add(F::one(), &d_h);
         }
@@ -736,9 +711,7 @@ impl<F: Real> MoeTransformer<F> {
         let mut d_emb = Array2::<F>::zeros((self.cfg.vocab, width));
         let mut d_pos = Array2::<F>::zeros((self.cfg.seq_len, width));
         for (t, row) in dh.rows().into_iter().enumerate() {
-            d_emb
-                .row_mut(fp.inputs[t] as usize)
-                .scaled_add(alpha_in, &row);
+            d_emb.row_mut(fp.inputs[t] as usize).scaled_add(alpha_in, &row);
             d_pos.row_mut(t % seq).scaled_add(alpha_in, &row);
         }
         grads[self.embedding].scaled_add(F::one(), &d_emb.into_dyn());
