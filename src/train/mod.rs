@@ -4,6 +4,36 @@
 //!
 //! A run is deterministic for a given config: the seed fixes every random stream and the run uses its own
 //! rayon pool of `threads` threads (results may differ between thread counts, never between runs).
+//!
+//! A config file (every section but `[model]` and `[data]` optional; unknown keys are errors):
+//! ```toml
+//! seed = 0
+//! threads = 2
+//! steps = 50
+//! precision = "f32"          # or "f64"
+//! save_weights = false
+//! [model]                    # arch = "resnet" | "transformer", then that model's fields
+//! arch = "resnet"
+//! input_dim = 8
+//! [model.sizes]
+//! width = 64
+//! depth = 2
+//! experts = 8
+//! active = 2
+//! expert_hidden = 32
+//! [param]                    # crate::param::ParamConfig: preset, optimizer, lr, ...
+//! preset = "moe-completep"
+//! optimizer = "adam"
+//! lr = 0.01
+//! [optim]                    # schedule = "constant" | "cosine" | "linear", warmup, final_lr_fraction,
+//! batch_size = 32            # batch_size (absent: full batch), eval_every, grad_clip, beta1, beta2
+//! [data]                     # kind = "synthetic" | "shakespeare" | "markov"
+//! kind = "synthetic"
+//! validation_points = 64
+//! [data.task]                # crate::data::TaskConfig
+//! points = 128
+//! input_dim = 8
+//! ```
 
 pub mod engine;
 pub mod optim;
@@ -180,9 +210,56 @@ fn in_section(section: &str, e: Error) -> Error {
 }
 
 impl TrainConfig {
+    /// A run of `steps` steps of `model` on `data` with every other setting at its default (seed 0,
+    /// 2 threads, f32, default `[param]` and `[optim]`); change them with the `with_*` methods.
+    pub fn new(model: ModelConfig, data: DataConfig, steps: usize) -> Self {
+        TrainConfig {
+            seed: 0,
+            threads: default_threads(),
+            steps,
+            precision: Precision::F32,
+            save_weights: false,
+            model,
+            param: ParamConfig::default(),
+            optim: OptimConfig::default(),
+            data,
+            resolved: None,
+        }
+    }
+
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn with_param(mut self, param: ParamConfig) -> Self {
+        self.param = param;
+        self
+    }
+
+    pub fn with_optim(mut self, optim: OptimConfig) -> Self {
+        self.optim = optim;
+        self
+    }
+
     /// Parses a TOML file; unknown keys and type errors are [`Error::Parse`] (exit code 2).
     pub fn from_file(path: &Path) -> crate::Result<Self> {
         crate::cli::read_toml(path)
+    }
+
+    /// Parses TOML text (e.g. in a notebook); errors as for [`TrainConfig::from_file`].
+    pub fn from_toml_str(text: &str) -> crate::Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Parse { path: PathBuf::from("<string>"), reason: e.to_string() })
     }
 
     /// Checks every field that can be checked without loading data; errors name the field and the rule.
@@ -567,4 +644,63 @@ fn train_at<F: Real>(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn O
     let json = serde_json::to_string_pretty(&trained.summary).map_err(|e| Error::Internal(format!("summary.json: {e}")))?;
     write_atomic(&dir.join("summary.json"), json.as_bytes())?;
     Ok(trained.summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::param::Sizes;
+
+    fn resnet(input_dim: usize) -> ModelConfig {
+        ModelConfig::Resnet(ResNetConfig {
+            input_dim,
+            outputs: 1,
+            sizes: Sizes { width: 8, depth: 1, experts: 4, active: 2, expert_hidden: 8 },
+            activation: Default::default(),
+            norm: false,
+            routing: Default::default(),
+        })
+    }
+
+    fn synthetic(input_dim: usize) -> DataConfig {
+        DataConfig::Synthetic { task: TaskConfig { input_dim, points: 8, ..Default::default() }, validation_points: 0 }
+    }
+
+    fn field_of(e: Error) -> String {
+        match e {
+            Error::Invalid { field, .. } => field,
+            other => panic!("expected an invalid field, got {other}"),
+        }
+    }
+
+    #[test]
+    fn builder_round_trips_through_toml() {
+        let cfg = TrainConfig::new(resnet(3), synthetic(3), 4).with_seed(9).with_threads(1).with_precision(Precision::F64);
+        cfg.validate().unwrap();
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(TrainConfig::from_toml_str(&text).unwrap(), cfg);
+        assert!(matches!(TrainConfig::from_toml_str("steps = 1\nbogus = 2"), Err(Error::Parse { .. })));
+    }
+
+    #[test]
+    fn inconsistent_sections_name_the_field() {
+        assert_eq!(field_of(TrainConfig::new(resnet(3), synthetic(4), 4).validate().unwrap_err()), "model.input_dim");
+        let markov = DataConfig::Markov { vocab_size: 8, branching: 2, length: 100, seed: 0, validation_windows: 2 };
+        assert_eq!(field_of(TrainConfig::new(resnet(3), markov, 4).validate().unwrap_err()), "data.kind");
+        let big_batch = OptimConfig { batch_size: Some(9), ..Default::default() };
+        let cfg = TrainConfig::new(resnet(3), synthetic(3), 4).with_optim(big_batch);
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "optim.batch_size");
+        let cfg = TrainConfig::new(resnet(3), synthetic(3), 4).with_threads(0);
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "threads");
+        let mut cfg = TrainConfig::new(resnet(3), synthetic(3), 4);
+        if let ModelConfig::Resnet(m) = &mut cfg.model {
+            m.routing.capacity_factor = Some(-1.0);
+        }
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "model.routing.capacity_factor");
+        let mut cfg = TrainConfig::new(resnet(3), synthetic(3), 4);
+        if let DataConfig::Synthetic { task, .. } = &mut cfg.data {
+            task.noise = -1.0;
+        }
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "data.task.noise");
+    }
 }
