@@ -145,7 +145,7 @@ pub struct QuantityResult {
     /// Seed mean and standard error at each size.
     pub mean: Vec<f64>,
     pub sem: Vec<f64>,
-    pub predicted: Option<f64>,
+    pub predicted: Option<Prediction>,
     pub slope: Option<SlopeFit>,
     pub finite_size: Option<PowerLawFit>,
     pub verdict: Verdict,
@@ -242,9 +242,13 @@ impl CoordResult {
         out.push_str("| quantity | predicted | measured slope | a + b x^-c: a (limit) | c | verdict |\n");
         out.push_str("| --- | --- | --- | --- | --- | --- |\n");
         for q in &self.quantities {
-            let pred = q.predicted.map(|p| format!("{p:+.2}")).unwrap_or_else(|| "—".into());
+            let pred = match q.predicted {
+                Some(p) if p.lower_bound => format!("≥ {:+.2}", p.value),
+                Some(p) => format!("{:+.2}", p.value),
+                None => "—".into(),
+            };
             let slope = q.slope.map(|s| format!("{:+.3} ± {:.3}", s.slope, s.err)).unwrap_or_else(|| "—".into());
-            let (a, c) = match &q.finite_size {
+            let (a, c) = match q.finite_size.filter(identified) {
                 Some(f) => (format!("{:.3e} ± {:.1e}", f.a, f.a_err), format!("{:.2} ± {:.2}", f.c, f.c_err)),
                 None => ("—".into(), "—".into()),
             };
@@ -252,6 +256,13 @@ impl CoordResult {
         }
         out
     }
+}
+
+/// A finite-size fit whose rate is resolved: inside the searched range (not pinned at an end) with a
+/// finite error smaller than the rate itself.
+pub fn identified(f: &PowerLawFit) -> bool {
+    let (lo, hi) = fit::RATE_RANGE;
+    f.c > lo * 1.01 && f.c < hi * 0.99 && f.c_err.is_finite() && f.c_err < f.c
 }
 
 pub fn optimizer_name(o: Optimizer) -> &'static str {
@@ -271,52 +282,91 @@ pub fn verdict_name(v: Verdict) -> &'static str {
     }
 }
 
-/// Predicted log-log slope of `quantity` along `spec.axis`; `table` is the engine's full table (with
-/// exponents) for the checked preset.
-///
-/// The desiderata of SPEC §4 predict Θ(1) changes (`delta.*`, slope 0) along every axis the preset
-/// claims to scale (the engine's own list: `moe-completep` all four, `completep` width and depth, `mup`
-/// width). Activations at initialization are Θ(1) except: the output `f` of a muP-style readout
-/// (multiplier 1/mN) vanishes like N^(-1/2) along width, a readout-like router's logits likewise, and the
-/// MoE output at initialization is an average of k independent random experts, so it vanishes like
-/// k^(-1/2) along `experts`. Gradient RMS per group is the engine's own prediction (its `grad_rms`
-/// exponents, which set Adam epsilon) on the axes the preset scales.
-///
-/// For the presets that ignore an axis, power counting gives the violations under Adam, where every
-/// entry moves by Θ(lr): a layer whose fan-in grows like the axis and whose LR does not shrink changes
-/// its output like the axis (slope 1): router logits and expert preactivations along width under `sp`,
-/// the MoE output along `expert_hidden` under `sp` and `mup` (whose expert_down init also ignores n, so
-/// its output at init grows like sqrt(n)); without a 1/L branch multiplier the residual stream at
-/// initialization grows like sqrt(L) and its change like L along depth (`sp`, `mup`).
-pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Option<f64> {
-    let preset = spec.preset.as_str();
-    let axis = spec.axis;
-    let scaled = Preset::by_name(preset).map(|p| p.scales(axis)).unwrap_or(false);
-    if let Some(group) = quantity.strip_prefix("grad.") {
-        // The engine derives gradient RMS under its own scalings: it says nothing about an axis the
-        // preset leaves at SP.
-        return if scaled { table.row(group).map(|r| r.grad_rms.get(axis)) } else { None };
+/// A predicted exponent: a value, or a lower bound (a violation of at least that size).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub value: f64,
+    pub lower_bound: bool,
+}
+
+impl Prediction {
+    fn exact(value: f64) -> Option<Prediction> {
+        Some(Prediction { value, lower_bound: false })
     }
-    let router_readout = matches!(spec.router_init, RouterInit::ReadoutLike)
-        || (spec.router_init == RouterInit::Preset && matches!(preset, "moe-completep"));
+    fn at_least(value: f64) -> Option<Prediction> {
+        Some(Prediction { value, lower_bound: true })
+    }
+}
+
+/// Predicted exponent of `quantity` along `spec.axis`; `table` is the engine's full table (with
+/// exponents) for the checked preset and form.
+///
+/// *Activations at initialization* (`act.*`) are power-counted from the engine's own init-variance and
+/// multiplier exponents: a layer with fan-in F, init variance ∝ F^v' and multiplier ∝ m' has output RMS
+/// ∝ sqrt(F · var) · mult (entries of a sum of F independent terms); the MoE output of k independent
+/// random experts with gates renormalized over the active set is their average, hence a further
+/// k^(-1/2) along `experts`; the residual stream is the larger of the embedding and the branch sum
+/// `beta_L * sum_l m_l` of L independent random branches (∝ beta_L · sqrt(L)).
+///
+/// *Changes after the steps* (`delta.*`) are Θ(1) (slope 0) along every axis the preset claims to scale
+/// (the engine's own list: `moe-completep` all four, `completep` width and depth, `mup` width). Along an
+/// axis a preset leaves at SP, power counting under Adam (every entry moves by Θ(lr)) gives lower
+/// bounds on the violation: a layer whose fan-in grows like the axis changes its output like the axis at
+/// the first step (router logits and expert preactivations along width; MoE output along
+/// `expert_hidden`), and without the 1/L branch multiplier the residual stream's change grows like L.
+/// Later steps compound or saturate these, so they are checked as lower bounds (slope ≥ 1/2).
+///
+/// *Gradient RMS* per group is the engine's own prediction (its `grad_rms` exponents, which set Adam
+/// epsilon) on the axes the preset scales; the engine says nothing about the others.
+pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Option<Prediction> {
+    let axis = spec.axis;
+    let scaled = Preset::by_name(&spec.preset).map(|p| p.scales(axis)).unwrap_or(false);
+    if let Some(group) = quantity.strip_prefix("grad.") {
+        return if scaled { table.row(group).and_then(|r| Prediction::exact(r.grad_rms.get(axis))) } else { None };
+    }
+    // Exponents of the fan-ins along this axis.
+    let fan_n = if axis == Axis::Width { 1.0 } else { 0.0 };
+    let fan_h = if matches!(axis, Axis::Width | Axis::ExpertHidden) { 1.0 } else { 0.0 };
+    let layer = |group: &str, fan: f64| -> Option<f64> {
+        let e = table.row(group)?.exponents.get(axis);
+        Some(0.5 * (fan + e.init_var) + e.multiplier)
+    };
+    let embedding = layer("embedding", 0.0)?;
+    let expert_pre = embedding + layer("expert_up", fan_n)?;
+    // ReLU and the other activations used here are Θ(1) on Θ(1) inputs and linear at scale for ReLU.
+    let experts_avg = if axis == Axis::Experts { -0.5 } else { 0.0 };
+    let moe_out = expert_pre + layer("expert_down", fan_h)? + experts_avg;
+    let depth_sum = if axis == Axis::Depth { 0.5 } else { 0.0 };
+    let residual = embedding.max(table.residual_exponents.get(axis) + moe_out + depth_sum);
+    match quantity {
+        "act.embedding" => return Prediction::exact(embedding),
+        "act.expert_pre" => return Prediction::exact(expert_pre),
+        "act.moe_out" => return Prediction::exact(moe_out),
+        "act.residual" => return Prediction::exact(residual),
+        "act.output" => return Prediction::exact(residual + layer("readout", fan_n)?),
+        "act.router_logits" => {
+            return match spec.router_init {
+                RouterInit::Zero => None,
+                RouterInit::HiddenLike => Prediction::exact(expert_pre),
+                RouterInit::ReadoutLike => Prediction::exact(expert_pre - 0.5 * fan_n),
+                RouterInit::Preset => Prediction::exact(embedding + layer("router", fan_n)?),
+            };
+        }
+        _ => {}
+    }
+    if !quantity.starts_with("delta.") {
+        return None;
+    }
     if scaled {
-        return match quantity {
-            "act.output" if axis == Axis::Width => Some(-0.5),
-            "act.router_logits" if axis == Axis::Width && router_readout => Some(-0.5),
-            "act.moe_out" if axis == Axis::Experts => Some(-0.5),
-            q if q.starts_with("act.") || q.starts_with("delta.") => Some(0.0),
-            _ => None,
-        };
+        return Prediction::exact(0.0);
     }
     if spec.optimizer != Optimizer::Adam {
         return None;
     }
-    match (preset, axis, quantity) {
-        ("sp", Axis::Width, "delta.router_logits" | "delta.expert_pre") => Some(1.0),
-        ("sp" | "mup", Axis::ExpertHidden, "delta.moe_out") => Some(1.0),
-        ("mup", Axis::ExpertHidden, "act.moe_out") => Some(0.5),
-        ("sp" | "mup", Axis::Depth, "act.residual") => Some(0.5),
-        ("sp" | "mup", Axis::Depth, "delta.residual") => Some(1.0),
+    match (axis, quantity) {
+        (Axis::Width, "delta.router_logits" | "delta.expert_pre") => Prediction::at_least(0.5),
+        (Axis::ExpertHidden, "delta.moe_out") => Prediction::at_least(0.3),
+        (Axis::Depth, "delta.residual") => Prediction::at_least(0.5),
         _ => None,
     }
 }
@@ -352,12 +402,18 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
         let finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &mean, Some(&sem)).ok() } else { None };
         let verdict = match predicted {
             None => Verdict::Measured,
-            Some(p) => {
+            Some(Prediction { value, lower_bound: true }) => {
+                if slope.slope >= value - spec.tolerance.min(2.0 * slope.err) {
+                    Verdict::Agrees
+                } else {
+                    Verdict::Disagrees
+                }
+            }
+            Some(Prediction { value: p, .. }) => {
                 let d = (slope.slope - p).abs();
                 if d <= spec.tolerance || d <= 2.0 * slope.err {
                     Verdict::Agrees
-                } else if p == 0.0
-                    && finite_size.is_some_and(|f| f.a_nonzero && f.a > 0.0 && f.c > 0.05 && f.c_err.is_finite())
+                } else if p == 0.0 && finite_size.is_some_and(|f| f.a_nonzero && f.a > 0.0 && identified(&f))
                 {
                     Verdict::FiniteSize
                 } else {
@@ -467,7 +523,7 @@ mod tests {
         assert_eq!(r[0].verdict, Verdict::Agrees);
         assert_eq!(r[1].verdict, Verdict::Disagrees);
         assert!((r[1].slope.unwrap().slope - 1.0).abs() < 1e-9);
-        assert_eq!(r[2].predicted, Some(g));
+        assert_eq!(r[2].predicted.map(|p| p.value), Some(g));
         assert_eq!(r[2].verdict, Verdict::Agrees);
         assert_eq!(r[3].verdict, Verdict::Zero);
         let res = CoordResult { spec: s, sizes: vec![], quantities: r };
@@ -480,13 +536,24 @@ mod tests {
         let mut s = spec(Axis::Width, vec![64, 512]);
         s.preset = "sp".into();
         let t = table("sp");
-        assert_eq!(predicted_slope(&s, "delta.router_logits", &t), Some(1.0));
+        let p = |s: &CoordSpec, q: &str, t: &Table| predicted_slope(s, q, t).map(|p| (p.value, p.lower_bound));
+        assert_eq!(p(&s, "delta.router_logits", &t), Some((0.5, true)));
+        // SP's readout is a hidden-like layer: its output stays Θ(1) along width.
+        assert_eq!(p(&s, "act.output", &t), Some((0.0, false)));
+        let mt = table("mup");
         s.preset = "mup".into();
-        assert_eq!(predicted_slope(&s, "delta.router_logits", &t), Some(0.0));
+        assert_eq!(p(&s, "delta.router_logits", &mt), Some((0.0, false)));
+        assert_eq!(p(&s, "act.output", &mt), Some((-0.5, false)));
         s.axis = Axis::Depth;
-        assert_eq!(predicted_slope(&s, "delta.residual", &t), Some(1.0));
+        assert_eq!(p(&s, "delta.residual", &mt), Some((0.5, true)));
+        // No 1/L branch multiplier: L random branches add up to sqrt(L).
+        assert_eq!(p(&s, "act.residual", &mt), Some((0.5, false)));
+        let ct = table("moe-completep");
         s.preset = "moe-completep".into();
-        assert_eq!(predicted_slope(&s, "delta.residual", &t), Some(0.0));
+        assert_eq!(p(&s, "delta.residual", &ct), Some((0.0, false)));
+        assert_eq!(p(&s, "act.residual", &ct), Some((0.0, false)));
+        s.axis = Axis::Experts;
+        assert_eq!(p(&s, "act.moe_out", &ct), Some((-0.5, false)));
     }
 
     #[test]

@@ -1,8 +1,226 @@
-//! `moe-dmft coord-check` (being written).
+//! `moe-dmft coord-check`: coordinate checks of the MoE-ResNet along one axis or all four, for any preset
+//! and SGD or Adam, plus the router-initialization ablation; prints Markdown tables and writes one JSON
+//! result per check (the input of `moe-dmft figures` and of validation/REPORT.md).
+
+use std::path::{Path, PathBuf};
+
+use crate::check::coord::{CoordResult, CoordSpec, RouterInit};
+use crate::check::run::{run_coord, CoordSetup};
+use crate::param::{Axis, Form, Optimizer, Sizes};
+use crate::{Error, Result};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// width, depth, experts, expert_hidden, or all.
+    #[arg(long, default_value = "all")]
+    pub axis: String,
+    /// sp, mup, completep or moe-completep.
+    #[arg(long, default_value = "moe-completep")]
+    pub preset: String,
+    /// sgd or adam.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// Comma-separated sizes along the axis (default: 8x or 16x above the base; one axis only).
+    #[arg(long)]
+    pub sizes: Option<String>,
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Base learning rate (default 0.01 for Adam, 0.05 for SGD).
+    #[arg(long, allow_hyphen_values = true)]
+    pub lr: Option<f64>,
+    /// preset, hidden_like, readout_like or zero.
+    #[arg(long, default_value = "preset")]
+    pub router_init: String,
+    /// Run the router-initialization ablation instead: all four router inits along width at fixed
+    /// experts, for the chosen optimizer.
+    #[arg(long)]
+    pub ablation: bool,
+    /// RMS norm in front of every MoE block.
+    #[arg(long)]
+    pub norm: bool,
+    /// Mean-field form of the parameterization (SGD, moe-completep only).
+    #[arg(long)]
+    pub mean_field: bool,
+    /// Router init constant of the preset (readout-like std = sigma_router / N).
+    #[arg(long, default_value_t = 1.0)]
+    pub sigma_router: f64,
+    /// Tolerance on |measured - predicted| slope.
+    #[arg(long, default_value_t = 0.15)]
+    pub tolerance: f64,
+    /// Base sizes: N0, L0, M0, k0, n0.
+    #[arg(long, default_value_t = 32)]
+    pub base_width: usize,
+    #[arg(long, default_value_t = 2)]
+    pub base_depth: usize,
+    #[arg(long, default_value_t = 8)]
+    pub base_experts: usize,
+    #[arg(long, default_value_t = 2)]
+    pub base_active: usize,
+    #[arg(long, default_value_t = 32)]
+    pub base_expert_hidden: usize,
+    /// Training points P and input dimension D of the task.
+    #[arg(long, default_value_t = 16)]
+    pub points: usize,
+    #[arg(long, default_value_t = 8)]
+    pub input_dim: usize,
+    /// Folder for the JSON results (one file per check) and `tables.md`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the JSON results instead of the tables.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> crate::Result<()> {
-    Err(crate::Error::Unavailable { what: "`coord-check`".into(), reason: "not built yet in this version".into() })
+pub fn parse_axis(s: &str) -> Result<Vec<Axis>> {
+    match s {
+        "all" => Ok(Axis::ALL.to_vec()),
+        _ => Axis::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .map(|a| vec![a])
+            .ok_or_else(|| Error::invalid("axis", format!("unknown axis `{s}`; expected width, depth, experts, expert_hidden or all"))),
+    }
+}
+
+pub fn parse_optimizer(s: &str) -> Result<Optimizer> {
+    match s {
+        "sgd" => Ok(Optimizer::Sgd),
+        "adam" => Ok(Optimizer::Adam),
+        _ => Err(Error::invalid("optimizer", format!("unknown optimizer `{s}`; expected sgd or adam"))),
+    }
+}
+
+/// Default sizes along each axis from the base: 8x for width, depth and expert_hidden, 16x for experts
+/// (five points, so the finite-size fit `a + b k^(-c)` keeps two degrees of freedom).
+pub fn default_values(axis: Axis, base: &Sizes) -> Vec<usize> {
+    match axis {
+        Axis::Width => (0..4).map(|i| base.width << i).collect(),
+        Axis::Depth => (0..4).map(|i| base.depth << i).collect(),
+        Axis::Experts => {
+            let start = (base.experts / base.active).max(1);
+            (0..5).map(|i| start << i).collect()
+        }
+        Axis::ExpertHidden => (0..4).map(|i| base.expert_hidden << i).collect(),
+    }
+}
+
+/// The setups this invocation asks for.
+pub fn setups(args: &Args) -> Result<Vec<CoordSetup>> {
+    let optimizer = parse_optimizer(&args.optimizer)?;
+    let router_init = RouterInit::from_name(&args.router_init).ok_or_else(|| {
+        Error::invalid("router_init", format!("unknown `{}`; expected preset, hidden_like, readout_like or zero", args.router_init))
+    })?;
+    let base = Sizes {
+        width: args.base_width,
+        depth: args.base_depth,
+        experts: args.base_experts,
+        active: args.base_active,
+        expert_hidden: args.base_expert_hidden,
+    };
+    for (f, v) in [
+        ("base_width", base.width),
+        ("base_depth", base.depth),
+        ("base_experts", base.experts),
+        ("base_active", base.active),
+        ("base_expert_hidden", base.expert_hidden),
+    ] {
+        if v == 0 {
+            return Err(Error::invalid(f, "must be at least 1"));
+        }
+    }
+    if base.active > base.experts {
+        return Err(Error::invalid("base_active", "must not exceed base_experts"));
+    }
+    if !(args.sigma_router.is_finite() && args.sigma_router >= 0.0) {
+        return Err(Error::invalid("sigma_router", "must be finite and non-negative"));
+    }
+    let lr = args.lr.unwrap_or(if optimizer == Optimizer::Adam { 0.01 } else { 0.05 });
+    let explicit: Option<Vec<usize>> = match &args.sizes {
+        None => None,
+        Some(s) => Some(
+            s.split(',')
+                .map(|t| t.trim().parse::<usize>().map_err(|_| Error::invalid("sizes", format!("`{t}` is not a positive integer"))))
+                .collect::<Result<_>>()?,
+        ),
+    };
+    let (axes, inits): (Vec<Axis>, Vec<RouterInit>) = if args.ablation {
+        (vec![Axis::Width], vec![RouterInit::HiddenLike, RouterInit::ReadoutLike, RouterInit::Zero])
+    } else {
+        (parse_axis(&args.axis)?, vec![router_init])
+    };
+    if explicit.is_some() && axes.len() > 1 {
+        return Err(Error::invalid("sizes", "applies to one axis; pass --axis as well"));
+    }
+    let mut out = Vec::new();
+    for &axis in &axes {
+        for &init in &inits {
+            let spec = CoordSpec {
+                axis,
+                preset: args.preset.clone(),
+                optimizer,
+                values: explicit.clone().unwrap_or_else(|| default_values(axis, &base)),
+                seeds: args.seeds,
+                steps: args.steps,
+                lr,
+                base,
+                router_init: init,
+                tolerance: args.tolerance,
+            };
+            let mut setup = CoordSetup::new(spec);
+            setup.norm = args.norm;
+            setup.form = if args.mean_field { Form::MeanField } else { Form::Standard };
+            setup.sigma_router = args.sigma_router;
+            setup.task.points = args.points;
+            setup.task.input_dim = args.input_dim;
+            setup.spec.validate()?;
+            setup.task.validate()?;
+            out.push(setup);
+        }
+    }
+    Ok(out)
+}
+
+/// File name of a result: `<preset>_<optimizer>_<axis>[_<router_init>].json`.
+pub fn result_file(r: &CoordResult) -> String {
+    format!("{}.json", r.label().replace('/', "_"))
+}
+
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Write { path: dir.to_path_buf(), source })?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
+    // Atomic: a reader never sees half a file.
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|source| Error::Write { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Write { path: path.to_path_buf(), source })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let setups = setups(&args)?;
+    let mut tables = String::new();
+    let mut results = Vec::new();
+    for setup in &setups {
+        let r = run_coord(setup)?;
+        let t = r.table();
+        if !args.json {
+            println!("{t}");
+        }
+        tables.push_str(&t);
+        tables.push('\n');
+        if let Some(dir) = &args.out {
+            write_json(&dir.join(result_file(&r)), &r)?;
+        }
+        results.push(r);
+    }
+    if let Some(dir) = &args.out {
+        let path = dir.join(if args.ablation { "tables_ablation.md" } else { "tables.md" });
+        std::fs::write(&path, tables).map_err(|source| Error::Write { path, source })?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results).map_err(|e| Error::Internal(e.to_string()))?);
+    }
+    Ok(())
 }
