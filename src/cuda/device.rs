@@ -21,7 +21,7 @@ use crate::Error;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Names of the kernels loaded from [`KERNELS`].
-const KERNEL_NAMES: [&str; 19] = [
+pub const KERNEL_NAMES: [&str; 19] = [
     "act_forward",
     "act_backward",
     "scale_inplace",
