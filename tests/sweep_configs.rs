@@ -1,0 +1,37 @@
+//! The HP-transfer sweep configs under validation/sweeps/ are valid: every grid point is a train config the
+//! trainer accepts and the parameterization resolves (no corpus needed), and together they cover the four
+//! axes x three presets over an 8x range with the axis ranges of issue 6.
+
+use std::path::Path;
+
+use moe_dmft::param::Axis;
+use moe_dmft::train::sweep::{PointRunner, SweepConfig, TrainRunner};
+
+#[test]
+fn every_axis_and_preset_has_a_valid_sweep_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
+    let expected: [(Axis, [usize; 2]); 4] = [
+        (Axis::Width, [64, 512]),
+        (Axis::Depth, [2, 16]),
+        (Axis::Experts, [8, 64]),
+        (Axis::ExpertHidden, [32, 256]),
+    ];
+    for (axis, [lo, hi]) in expected {
+        let mut budgets = Vec::new();
+        for preset in ["moe-completep", "sp", "mup"] {
+            let path = dir.join(format!("{}_{preset}.toml", axis.name()));
+            let cfg = SweepConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(cfg.grid.axis, axis, "{}", path.display());
+            assert_eq!(cfg.grid.presets, vec![preset.to_string()]);
+            assert_eq!(cfg.grid.sizes.first(), Some(&lo));
+            assert_eq!(cfg.grid.sizes.last(), Some(&hi));
+            assert!(cfg.grid.lr_log2.len() >= 7, "an optimum needs room on both sides");
+            for p in cfg.points().unwrap() {
+                TrainRunner.check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
+            }
+            budgets.push(cfg.base["steps"].as_integer().unwrap());
+        }
+        // The presets of one axis are compared at the same token budget.
+        assert!(budgets.windows(2).all(|w| w[0] == w[1]), "{}: {budgets:?}", axis.name());
+    }
+}
