@@ -4,13 +4,14 @@
 //!
 //! cargo run --release --example dmft_vs_finite -- [--depth L] [--steps T] [--seeds S]
 //!     [--sizes 128x32x32,256x64x64,512x128x128] [--tie random|index] [--activation relu|tanh|gelu|linear]
+//!     [--prototypes Z] [--capacity C] [--gate softmax|sigmoid] [--bias-rate u] [--curves]
 
 use moe_dmft::data::{make_task, TaskConfig};
 use moe_dmft::dmft::{self, SolveConfig};
 use moe_dmft::model::resnet::{MoeResNet, ResNetConfig};
 use moe_dmft::model::{Activation, Batch, Model};
 use moe_dmft::param::{Group, GroupHp, Optimizer, Resolved, Sizes};
-use moe_dmft::routing::{RoutingConfig, TieBreak};
+use moe_dmft::routing::{Gate, RoutingConfig, TieBreak};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -47,7 +48,7 @@ fn finite_curve(
     task: &moe_dmft::data::Task,
     steps: usize,
     seed: u64,
-) -> moe_dmft::Result<Vec<f64>> {
+) -> moe_dmft::Result<(Vec<f64>, f64, f64)> {
     let hp = mean_field(sizes, task.x.ncols(), 0.2, 1.0);
     let cfg = ResNetConfig {
         input_dim: task.x.ncols(),
@@ -61,19 +62,19 @@ fn finite_curve(
     let mut model: MoeResNet<f32> = MoeResNet::new(&cfg, &hp, &mut rng)?;
     let batch = Batch::Regression { x: task.x.clone(), y: task.y.clone() };
     let mut losses = Vec::with_capacity(steps + 1);
-    for t in 0..=steps {
+    for _ in 0..steps {
         let out = model.loss_and_grad(&batch, &mut rng)?;
         losses.push(out.loss);
-        if t == steps {
-            break;
-        }
         for (p, g) in model.store_mut().params.iter_mut().zip(&out.grads) {
             let lr = hp.get(p.group).lr as f32;
             p.value.scaled_add(-lr, g);
         }
         model.after_step(&out.load);
     }
-    Ok(losses)
+    let last = model.loss_and_grad(&batch, &mut rng)?;
+    losses.push(last.loss);
+    let (cv, dropped) = last.load.first().map_or((f64::NAN, f64::NAN), |l| (l.cv, l.dropped));
+    Ok((losses, cv, dropped))
 }
 
 fn main() -> moe_dmft::Result<()> {
@@ -100,7 +101,14 @@ fn main() -> moe_dmft::Result<()> {
             (v[0], v[1], v[2])
         })
         .collect();
-    let routing = RoutingConfig { tie_break: tie, ..RoutingConfig::default() };
+    let routing = RoutingConfig {
+        tie_break: tie,
+        prototypes: get("--prototypes").map_or(1, |v| v.parse().expect("--prototypes")),
+        capacity_factor: get("--capacity").map(|v| v.parse().expect("--capacity")),
+        gate: if get("--gate").as_deref() == Some("sigmoid") { Gate::Sigmoid } else { Gate::Softmax },
+        bias_update_rate: get("--bias-rate").map_or(0.0, |v| v.parse().expect("--bias-rate")),
+        ..RoutingConfig::default()
+    };
     let task_cfg = TaskConfig::default();
     let task = make_task(&task_cfg)?;
     let cfg = SolveConfig {
@@ -114,6 +122,13 @@ fn main() -> moe_dmft::Result<()> {
     .with_resolution(1024, 128, 4);
     let sol = dmft::solve(&cfg, &task, None)?;
     let (dl, de) = sol.final_loss();
+    let d = &sol.dropped;
+    println!(
+        "DMFT load cv at steps 0 / T: {:.3} / {:.3}; dropped fraction at T: {:.3}",
+        sol.load_cv[[0, 0]],
+        sol.load_cv[[steps, 0]],
+        d[[steps, 0]]
+    );
     println!(
         "DMFT (1024 experts x 128 neurons x 4 repeats, {:.1} s): final loss {dl:.5} +- {:.5}",
         sol.wall_s,
@@ -124,8 +139,11 @@ fn main() -> moe_dmft::Result<()> {
         let k = m / 4;
         let s = Sizes { width: n, depth, experts: m, active: k, expert_hidden: h };
         let start = std::time::Instant::now();
-        let curves: Vec<Vec<f64>> =
+        let runs: Vec<(Vec<f64>, f64, f64)> =
             (0..seeds).map(|seed| finite_curve(s, act, &routing, &task, steps, seed)).collect::<Result<_, _>>()?;
+        let cv = runs.iter().map(|r| r.1).sum::<f64>() / runs.len() as f64;
+        let dropped = runs.iter().map(|r| r.2).sum::<f64>() / runs.len() as f64;
+        let curves: Vec<Vec<f64>> = runs.into_iter().map(|r| r.0).collect();
         let fin: Vec<f64> = curves.iter().map(|c| c[steps]).collect();
         let mean = fin.iter().sum::<f64>() / fin.len() as f64;
         let se = if fin.len() > 1 {
@@ -141,7 +159,7 @@ fn main() -> moe_dmft::Result<()> {
             })
             .fold(0.0, f64::max);
         println!(
-            "{:>16} {mean:>10.5} {se:>9.5} {:>8.2}% {:>9.2}%   ({:.1} s)",
+            "{:>16} {mean:>10.5} {se:>9.5} {:>8.2}% {:>9.2}%   load cv {cv:.3} dropped {dropped:.3} ({:.1} s)",
             format!("{n}x{m}x{h}"),
             100.0 * (mean - dl) / dl,
             100.0 * traj,

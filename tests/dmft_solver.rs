@@ -129,3 +129,45 @@ fn dmft_exact_rejects_unsupported() {
     let task = make_task(&cfg.task).unwrap();
     assert_eq!(exact::solve_linear_frozen_router(&cfg, &task).unwrap_err().exit_code(), 2);
 }
+
+#[test]
+fn dmft_routing_variants() {
+    use moe_dmft::routing::{Gate, RoutingConfig};
+    let base = small(8, 6);
+    let task = make_task(&base.task).unwrap();
+    let plain = dmft::solve(&base, &task, None).unwrap();
+    assert!(plain.dropped.iter().all(|&d| d == 0.0));
+    // Capacity 1: each expert keeps at most ceil(kappa P) = 2 of its samples; experts with more drop.
+    let cap = SolveConfig { routing: RoutingConfig { capacity_factor: Some(1.0), ..RoutingConfig::default() }, ..base.clone() };
+    let sol = dmft::solve(&cap, &task, None).unwrap();
+    let d0 = sol.dropped[[0, 0]];
+    // Binomial(8, 1/4): P(load > 2) ~ 0.32, dropped share of assignments ~ 0.16 at t = 0.
+    assert!(d0 > 0.05 && d0 < 0.35, "dropped fraction at t = 0: {d0}");
+    assert!(sol.final_loss().0.is_finite());
+    // Sigmoid gates learn too.
+    let sig = SolveConfig { routing: RoutingConfig { gate: Gate::Sigmoid, ..RoutingConfig::default() }, ..base.clone() };
+    let sol = dmft::solve(&sig, &task, None).unwrap();
+    assert!(sol.final_loss().0 < 0.8 * sol.loss[0]);
+    // Loss-free balancing: a bias rate small against the router logits evens out the load over time
+    // (a large one overshoots: the sign rule is bang-bang).
+    let long = small(16, 20);
+    let long_task = make_task(&long.task).unwrap();
+    let unbiased = dmft::solve(&long, &long_task, None).unwrap();
+    let bal =
+        SolveConfig { routing: RoutingConfig { bias_update_rate: 1e-4, ..RoutingConfig::default() }, ..long.clone() };
+    let sol = dmft::solve(&bal, &long_task, None).unwrap();
+    let (a, b) = (sol.load_cv[[20, 0]], unbiased.load_cv[[20, 0]]);
+    assert!(a < 0.9 * b, "load cv with balancing {a} vs without {b}");
+    // Prototyping with a fixed number of groups is plain top-k in the limit: same answer.
+    let proto = SolveConfig { routing: RoutingConfig { prototypes: 2, ..RoutingConfig::default() }, ..base.clone() };
+    assert_eq!(dmft::solve(&proto, &task, None).unwrap().loss, plain.loss);
+    // Index tie-breaking: at t = 0 every expert is active on all samples or on none.
+    let idx = SolveConfig {
+        routing: RoutingConfig { tie_break: moe_dmft::routing::TieBreak::Index, ..RoutingConfig::default() },
+        ..base
+    };
+    let sol = dmft::solve(&idx, &task, None).unwrap();
+    assert_eq!(sol.load_quantiles[[0, 0, 0]], 0.0);
+    assert!((sol.load_quantiles[[0, 0, 6]] - 4.0).abs() < 1e-12, "max relative load 1/kappa");
+    assert_ne!(sol.loss, plain.loss);
+}
