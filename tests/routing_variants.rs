@@ -300,3 +300,18 @@ fn capacity_variant_really_drops_tokens_in_the_layer() {
     assert!(out.load.dropped > 0.0, "the capacity check must exercise drops");
     assert!((out.load.fraction.iter().sum::<f64>() + out.load.dropped - 1.0).abs() < 1e-12);
 }
+
+#[test]
+fn non_finite_logits_route_without_panicking() {
+    let logits = array![[f64::NAN, 1.0, f64::INFINITY, -0.0], [f64::NAN, f64::NAN, f64::NAN, f64::NAN]];
+    let r = route(logits.view(), Array1::zeros(4).view(), 2, &cfg(TieBreak::Random), &mut rng(0)).unwrap();
+    assert_eq!(r.selected.row(0).to_vec(), vec![2, 1]);
+    assert_ne!(r.selected[[1, 0]], r.selected[[1, 1]]);
+    // -0.0 and +0.0 tie: with index tie-breaking the lower index wins either way.
+    let z = array![[0.0, -0.0, 0.0]];
+    let r = route(z.view(), Array1::zeros(3).view(), 1, &cfg(TieBreak::Index), &mut rng(0)).unwrap();
+    assert_eq!(r.selected[[0, 0]], 0);
+    let z = array![[-0.0, 0.0, 0.0]];
+    let r = route(z.view(), Array1::zeros(3).view(), 1, &cfg(TieBreak::Index), &mut rng(0)).unwrap();
+    assert_eq!(r.selected[[0, 0]], 0);
+}

@@ -194,11 +194,20 @@ pub fn route(
     let rows: Vec<(Vec<usize>, Vec<f64>, Vec<f64>, f64)> = (0..tokens)
         .into_par_iter()
         .map(|t| {
-            let score = |e: usize| logits[[t, e]] + bias[e];
-            // true when expert a ranks before expert b.
+            // NaN (a diverging run) ranks last so the order stays total and sorting cannot panic; adding
+            // +0.0 turns -0.0 into +0.0 so signed zeros from a zero router still tie.
+            let score = |e: usize| {
+                let s = logits[[t, e]] + bias[e] + 0.0;
+                if s.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    s
+                }
+            };
+            // Less means expert a ranks before expert b.
             let cmp = |a: &usize, b: &usize| -> std::cmp::Ordering {
                 let (sa, sb) = (score(*a), score(*b));
-                sb.partial_cmp(&sa).unwrap_or(std::cmp::Ordering::Equal).then_with(|| match &jitter {
+                sb.total_cmp(&sa).then_with(|| match &jitter {
                     Some(j) => j[[t, *b]].cmp(&j[[t, *a]]).then(a.cmp(b)),
                     None => a.cmp(b),
                 })
