@@ -61,22 +61,28 @@ pub struct AttentionGrads<F> {
     pub out: Array2<F>,
 }
 
-/// `a @ b` with the output rows split over the rayon pool; each row is one BLAS call's work, so the
-/// result is the same for every split.
+/// `a @ b` with the output rows split over the rayon pool: every output row comes from one BLAS call
+/// over the full inner dimension, so no sum crosses threads.
 pub fn par_matmul<F: Real>(a: ArrayView2<F>, b: ArrayView2<F>) -> Array2<F> {
+    par_matmul_scaled(1.0, a, b)
+}
+
+/// `alpha * a @ b` like [`par_matmul`]; the factor rides on the GEMM instead of a second pass.
+pub fn par_matmul_scaled<F: Real>(alpha: f64, a: ArrayView2<F>, b: ArrayView2<F>) -> Array2<F> {
     let (rows, cols) = (a.nrows(), b.ncols());
+    let alpha = F::of(alpha);
     let mut c = Array2::<F>::zeros((rows, cols));
     let threads = rayon::current_num_threads().max(1);
     // Small products are not worth the fork.
     if threads == 1 || rows * cols * a.ncols() < 1 << 16 {
-        general_mat_mul(F::one(), &a, &b, F::zero(), &mut c);
+        general_mat_mul(alpha, &a, &b, F::zero(), &mut c);
         return c;
     }
     let chunk = rows.div_ceil(threads).max(1);
     c.axis_chunks_iter_mut(Axis(0), chunk)
         .into_par_iter()
         .zip(a.axis_chunks_iter(Axis(0), chunk).into_par_iter())
-        .for_each(|(mut c_rows, a_rows)| general_mat_mul(F::one(), &a_rows, &b, F::zero(), &mut c_rows));
+        .for_each(|(mut c_rows, a_rows)| general_mat_mul(alpha, &a_rows, &b, F::zero(), &mut c_rows));
     c
 }
 
@@ -118,8 +124,7 @@ pub fn attention_forward<F: Real>(
         .to_shape((batch * seq, width))
         .expect("contiguous tokens")
         .into_owned();
-    let mut qkv = par_matmul(input.view(), w.qkv.t());
-    qkv.mapv_inplace(|v| v * F::of(w.qkv_multiplier));
+    let qkv = par_matmul_scaled(w.qkv_multiplier, input.view(), w.qkv.t());
 
     let pairs: Vec<(Array2<F>, Array2<F>)> = (0..batch * n_head)
         .into_par_iter()
@@ -129,8 +134,8 @@ pub fn attention_forward<F: Real>(
             let q = qkv.slice(s![rows.clone(), h * d_head..(h + 1) * d_head]);
             let k = qkv.slice(s![rows.clone(), width + h * d_head..width + (h + 1) * d_head]);
             let v = qkv.slice(s![rows, 2 * width + h * d_head..2 * width + (h + 1) * d_head]);
-            let mut probs = q.dot(&k.t());
-            probs.mapv_inplace(|z| z * scale);
+            let mut probs = Array2::<F>::zeros((seq, seq));
+            general_mat_mul(scale, &q, &k.t(), F::zero(), &mut probs);
             causal_softmax(&mut probs);
             let head_out = probs.dot(&v);
             (probs, head_out)
@@ -146,8 +151,7 @@ pub fn attention_forward<F: Real>(
             .assign(&head_out);
         probs.push(p);
     }
-    let mut out = par_matmul(context.view(), w.out.t());
-    out.mapv_inplace(|v| v * F::of(w.out_multiplier));
+    let out = par_matmul_scaled(w.out_multiplier, context.view(), w.out.t());
     let out = out.into_shape_with_order((batch, seq, width)).expect("standard layout");
     (
         out,
@@ -175,11 +179,8 @@ pub fn attention_backward<F: Real>(
     let scale = F::of(cfg.logit_multiplier / d_head as f64);
     let grad_y = grad_y.to_shape((batch * seq, width)).expect("contiguous tokens");
 
-    let out_mult = F::of(w.out_multiplier);
-    let mut grad_out_w = par_matmul(grad_y.t(), cache.context.view());
-    grad_out_w.mapv_inplace(|v| v * out_mult);
-    let mut grad_context = par_matmul(grad_y.view(), w.out);
-    grad_context.mapv_inplace(|v| v * out_mult);
+    let grad_out_w = par_matmul_scaled(w.out_multiplier, grad_y.t(), cache.context.view());
+    let grad_context = par_matmul_scaled(w.out_multiplier, grad_y.view(), w.out);
 
     let pairs: Vec<(Array2<F>, Array2<F>, Array2<F>)> = (0..batch * n_head)
         .into_par_iter()
@@ -225,11 +226,8 @@ pub fn attention_backward<F: Real>(
             .slice_mut(s![rows, 2 * width + h * d_head..2 * width + (h + 1) * d_head])
             .assign(&dv);
     }
-    let qkv_mult = F::of(w.qkv_multiplier);
-    let mut grad_qkv_w = par_matmul(grad_qkv.t(), cache.input.view());
-    grad_qkv_w.mapv_inplace(|v| v * qkv_mult);
-    let mut grad_x = par_matmul(grad_qkv.view(), w.qkv);
-    grad_x.mapv_inplace(|v| v * qkv_mult);
+    let grad_qkv_w = par_matmul_scaled(w.qkv_multiplier, grad_qkv.t(), cache.input.view());
+    let grad_x = par_matmul_scaled(w.qkv_multiplier, grad_qkv.view(), w.qkv);
     let grad_x = grad_x
         .into_shape_with_order((batch, seq, width))
         .expect("standard layout");

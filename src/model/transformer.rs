@@ -26,7 +26,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{
-    attention_backward, attention_forward, par_matmul, AttentionCache, AttentionConfig, AttentionWeights,
+    attention_backward, attention_forward, par_matmul, par_matmul_scaled, AttentionCache, AttentionConfig,
+    AttentionWeights,
 };
 use super::moe::{moe_backward, moe_forward, normal_init, MoeCache, MoeMultipliers, MoeParamIds, MoeShape};
 use super::norm::{rms_norm_backward, rms_norm_forward, NormCache};
@@ -543,9 +544,10 @@ impl<F: Real> MoeTransformer<F> {
             view1(&self.store.params[self.final_norm].value),
             self.cfg.norm_eps,
         );
-        let logits = scaled(
-            par_matmul(final_hidden.view(), self.unembedding_matrix().t()),
+        let logits = par_matmul_scaled(
             self.mult.unembedding,
+            final_hidden.view(),
+            self.unembedding_matrix().t(),
         );
         diagnostics.push(("logits_rms".into(), rms(logits.view())));
 
@@ -607,10 +609,8 @@ impl<F: Real> MoeTransformer<F> {
             })
             .collect();
         let pre_rms = (row_sq.iter().sum::<f64>() / hidden.len().max(1) as f64).sqrt();
-        let out = scaled(
-            par_matmul(hidden.view(), view2(&self.store.params[down].value).t()),
-            self.mult.moe.down,
-        );
+        let down_w = view2(&self.store.params[down].value);
+        let out = par_matmul_scaled(self.mult.moe.down, hidden.view(), down_w.t());
         (out, hidden, slope, pre_rms)
     }
 
@@ -627,16 +627,16 @@ impl<F: Real> MoeTransformer<F> {
         grads: &mut Grads<F>,
     ) -> Array2<F> {
         let (m_up, m_down) = (self.mult.moe.up, self.mult.moe.down);
-        let d_down = scaled(par_matmul(grad_out.t(), hidden.view()), m_down);
+        let d_down = par_matmul_scaled(m_down, grad_out.t(), hidden.view());
         let mut d_pre = par_matmul(grad_out, view2(&self.store.params[down].value));
         let m_down_f = F::of(m_down);
         Zip::from(&mut d_pre)
             .and(slope)
             .par_for_each(|d, &s| *d = *d * m_down_f * s);
-        let d_up = scaled(par_matmul(d_pre.t(), input.view()), m_up);
+        let d_up = par_matmul_scaled(m_up, d_pre.t(), input.view());
         grads[up].scaled_add(F::one(), &d_up.into_dyn());
         grads[down].scaled_add(F::one(), &d_down.into_dyn());
-        scaled(par_matmul(d_pre.view(), view2(&self.store.params[up].value)), m_up)
+        par_matmul_scaled(m_up, d_pre.view(), view2(&self.store.params[up].value))
     }
 
     fn backward(&self, fp: &ForwardPass<F>) -> crate::Result<Grads<F>> {
@@ -661,9 +661,9 @@ impl<F: Real> MoeTransformer<F> {
                 row[y as usize] = row[y as usize] - F::of(inv_tokens);
             });
         let m_out = self.mult.unembedding;
-        let d_unemb = scaled(par_matmul(d_logits.t(), fp.final_hidden.view()), m_out);
+        let d_unemb = par_matmul_scaled(m_out, d_logits.t(), fp.final_hidden.view());
         grads[self.unembedding.unwrap_or(self.embedding)].scaled_add(F::one(), &d_unemb.into_dyn());
-        let d_final = scaled(par_matmul(d_logits.view(), self.unembedding_matrix()), m_out);
+        let d_final = par_matmul_scaled(m_out, d_logits.view(), self.unembedding_matrix());
         let (mut dh, d_gain) = rms_norm_backward(&fp.final_norm, view1(&p[self.final_norm].value), d_final.view());
         grads[self.final_norm].scaled_add(F::one(), &d_gain.into_dyn());
 
