@@ -227,6 +227,8 @@ pub fn check(cfg: &TrainConfig, name: &str, tolerance: f64) -> crate::Result<Che
     let settings = prepared.config.loop_settings();
     let mut opt = engine::make_optimizer(cpu.store(), &prepared.resolved, &settings)?;
     opt.step(cpu.store_mut(), &c.grads, 1.0)?;
+    // As the trainer does after every step (balancing biases); device_step does the same on the GPU.
+    cpu.after_step(&c.load);
     gpu_model.device_step(&train.x, &train.y, &mut route(), 1.0, settings.beta1, settings.beta2)?;
     gpu_model.download_params()?;
 

@@ -36,7 +36,10 @@ export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1
 log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
 if [ ! -x "$BIN" ]; then log "no binary at $BIN (build with: cargo build --release --features cuda)"; exit 2; fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader >"$WORK/smi.txt" 2>&1
+: >"$WORK/smi.txt"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader >"$WORK/smi.txt" 2>>"$LOG"
+fi
 log "nvidia-smi: $(cat "$WORK/smi.txt")"
 
 step() { # name timeout_s command...: runs, logs exit code and time, never aborts the script

@@ -50,8 +50,8 @@ def main():
             smi = fh.read().strip()
     except OSError:
         pass
-    gpu = probe["name"] if probe else (smi.split(",")[0].strip() if smi else "unknown")
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "unknown"
+    gpu = probe["name"] if probe else (smi.split(",")[0].strip() if smi else "no-gpu")
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "no-gpu"
 
     res = {"gpu": gpu, "nvidia_smi": smi, "probe": probe, "exit_codes": {}}
     for name in ["probe", "check", "train_cpu", "train_gpu", "ours_f32", "torch_eager_f32", "ours_tf32",
