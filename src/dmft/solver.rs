@@ -42,7 +42,8 @@ pub struct Trace {
     /// (T+1, L, P): routing thresholds q^l_mu(t).
     pub thresholds: Array3<f64>,
     /// (T+1, L, 7): quantiles (levels [`LOAD_QUANTILES`]) over experts of the relative load
-    /// `load_e / kappa`, where `load_e` is the fraction of samples routed to expert e (mean 1).
+    /// `load_e / kappa`, where `load_e` is the fraction of samples routed to (and kept by) expert e
+    /// (mean 1 without capacity drops).
     pub load_quantiles: Array3<f64>,
     /// (T+1, L): coefficient of variation over experts of the load.
     pub load_cv: Array2<f64>,
@@ -379,11 +380,13 @@ impl<'a> Problem<'a> {
                 for c in &contribs {
                     total += c;
                 }
-                // Balancing bias: each site compares its own load with the target kappa.
+                // Balancing bias: each site compares its own kept load with the mean kept load (kappa
+                // without capacity drops), as routing::update_bias does.
                 if cfg.routing.bias_update_rate > 0.0 {
-                    for (e, site) in blocks[l].iter_mut().enumerate() {
-                        let load = routed.active.row(e).iter().filter(|&&a| a).count() as f64 / p as f64;
-                        let d = cfg.kappa - load;
+                    let loads: Vec<f64> = (0..e_n).map(|e| routed.keep.row(e).sum() / p as f64).collect();
+                    let target = loads.iter().sum::<f64>() / e_n as f64;
+                    for (site, load) in blocks[l].iter_mut().zip(&loads) {
+                        let d = target - load;
                         if d != 0.0 {
                             site.bias += cfg.routing.bias_update_rate * d.signum();
                         }
@@ -464,9 +467,8 @@ impl<'a> Problem<'a> {
         let kappa = self.cfg.kappa;
         tr.thresholds.slice_mut(s![t, l, ..]).assign(&routed.threshold);
         tr.moe_kernels.slice_mut(s![t, l, .., ..]).assign(&moe.dot(&moe.t()));
-        let mut rel: Vec<f64> = (0..e_n)
-            .map(|e| routed.active.row(e).iter().filter(|&&a| a).count() as f64 / p as f64 / kappa)
-            .collect();
+        // Loads count kept assignments, like routing::LoadStats.
+        let mut rel: Vec<f64> = (0..e_n).map(|e| routed.keep.row(e).sum() / p as f64 / kappa).collect();
         rel.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         for (i, &lev) in LOAD_QUANTILES.iter().enumerate() {
             tr.load_quantiles[[t, l, i]] = quantile_sorted(&rel, lev);
