@@ -338,6 +338,12 @@ pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Optio
     let moe_out = expert_pre + layer("expert_down", fan_h)? + experts_avg;
     let depth_sum = if axis == Axis::Depth { 0.5 } else { 0.0 };
     let residual = embedding.max(table.residual_exponents.get(axis) + moe_out + depth_sum);
+    // Without a 1/L branch multiplier and without a norm, every block reads a stream that each block
+    // before it has enlarged (h <- h + m(h) with m homogeneous in h): growth compounds along depth and is
+    // no power law, so only a lower bound is predicted for what reads the stream.
+    if axis == Axis::Depth && table.residual_exponents.get(axis) == 0.0 && quantity.starts_with("act.") && quantity != "act.embedding" {
+        return Prediction::at_least(0.5);
+    }
     match quantity {
         "act.embedding" => return Prediction::exact(embedding),
         "act.expert_pre" => return Prediction::exact(expert_pre),
@@ -546,8 +552,8 @@ mod tests {
         assert_eq!(p(&s, "act.output", &mt), Some((-0.5, false)));
         s.axis = Axis::Depth;
         assert_eq!(p(&s, "delta.residual", &mt), Some((0.5, true)));
-        // No 1/L branch multiplier: L random branches add up to sqrt(L).
-        assert_eq!(p(&s, "act.residual", &mt), Some((0.5, false)));
+        // No 1/L branch multiplier: L random branches add up to at least sqrt(L).
+        assert_eq!(p(&s, "act.residual", &mt), Some((0.5, true)));
         let ct = table("moe-completep");
         s.preset = "moe-completep".into();
         assert_eq!(p(&s, "delta.residual", &ct), Some((0.0, false)));
