@@ -7,7 +7,7 @@
 //!   is refused (its results would not be comparable), while the grid may grow.
 //! - `DIR/runs/<id>/`: one finished grid point: `result.json` (the sweep's record, [`RunRecord`]) beside
 //!   whatever the runner wrote (the trainer's `config.toml`, `metrics.jsonl`, `summary.json`). A point
-//!   runs in `DIR/runs/.partial/<id>.<pid>/` and that folder is renamed to `DIR/runs/<id>` only when its
+//!   runs in `DIR/runs/.partial/<id>.<pid>-<random>/` and that folder is renamed to `DIR/runs/<id>` only when its
 //!   record is complete, so a point is done iff `DIR/runs/<id>/result.json` exists: a killed sweep loses
 //!   only the point in flight and a rerun repeats no finished point.
 //! - `DIR/summary.json`, `DIR/summary.md`: aggregated from whatever records exist (any shard may write
@@ -520,12 +520,19 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Write { path: path.to_path_buf(), source }
 }
 
+/// A name suffix no other process uses: the pid alone is not enough when tasks on several machines (or
+/// containers, where every pid may be 1) share one output folder. Random bits name files only; they never
+/// touch results.
+fn unique_tag() -> String {
+    format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers see the
 /// old file or the new one, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.tmp.{}", unique_tag()));
     let mut f = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
     f.write_all(bytes).map_err(write_err(&tmp))?;
     f.sync_all().map_err(write_err(&tmp))?;
@@ -602,7 +609,7 @@ pub fn run_sweep(
         let id = p.id();
         bar.set_message(id.clone());
         remove_stale_partials(&partial, &id);
-        let tmp = partial.join(format!("{id}.{pid}"));
+        let tmp = partial.join(format!("{id}.{}", unique_tag()));
         std::fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
         let config = cfg.point_config(p)?;
         let t0 = Instant::now();
@@ -648,7 +655,14 @@ pub fn run_sweep(
                 let _ = std::fs::remove_dir_all(&tmp);
                 report.skipped += 1;
             }
-            Err(source) => return Err(Error::Write { path: dest, source }),
+            // Our folder vanished (a second copy of this shard cleaned it up as stale) or the filesystem
+            // refused: the point stays undone and the next run retries it.
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                let e = Error::Write { path: dest, source };
+                bar.println(format!("point {id} failed: {e}"));
+                report.failed.push((id, e.to_string()));
+            }
         }
         bar.inc(1);
     }
@@ -659,13 +673,13 @@ pub fn run_sweep(
     Ok(report)
 }
 
-/// Removes folders of a point left by killed runs (`<id>.<pid>`).
+/// Removes folders of a point left by killed runs (`<id>.<tag>`, see [`unique_tag`]).
 fn remove_stale_partials(partial: &Path, id: &str) {
     let Ok(entries) = std::fs::read_dir(partial) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(rest) = name.strip_prefix(id).and_then(|r| r.strip_prefix('.')) {
-            if rest.chars().all(|c| c.is_ascii_digit()) {
+            if rest.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -1240,7 +1254,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config("");
         let id = cfg.points().unwrap()[0].id();
-        let stale = runs_dir(dir.path()).join(".partial").join(format!("{id}.99999"));
+        let stale = runs_dir(dir.path()).join(".partial").join(format!("{id}.99999-00000000deadbeef"));
         std::fs::create_dir_all(&stale).unwrap();
         std::fs::write(stale.join("metrics.jsonl"), "half").unwrap();
         run_sweep(&cfg, dir.path(), Shard::default(), &synthetic, false).unwrap();

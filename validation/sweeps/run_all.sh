@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the twelve HP-transfer sweeps (four axes x three presets, about an hour each on 2 cores) one after
+# the other on this machine, then writes the transfer report across them to validation/sweeps/results/.
+# Resumable: run it again after an interruption and only unfinished points run. On a cluster, use the
+# job arrays of docs/slurm.md instead.
+#   bash validation/sweeps/run_all.sh            # all twelve
+#   bash validation/sweeps/run_all.sh width      # one axis (three sweeps)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OPENBLAS_NUM_THREADS=1
+bash scripts/get_corpus.sh
+cargo build --release
+bin=target/release/moe-dmft
+if [ $# -gt 0 ]; then axes=("$@"); else axes=(width depth experts expert_hidden); fi
+dirs=()
+for axis in "${axes[@]}"; do
+  for preset in moe-completep sp mup; do
+    name="${axis}_${preset}"
+    start=$(date +%s)
+    "$bin" sweep --config "validation/sweeps/$name.toml" --out "validation/sweeps/results/$name" --resume
+    echo "$name: $(( $(date +%s) - start )) s wall"
+    dirs+=("validation/sweeps/results/$name")
+  done
+done
+"$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
+cat validation/sweeps/results/transfer/transfer.md
