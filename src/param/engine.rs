@@ -40,7 +40,7 @@ impl Prim {
         Prim { depth: p, ..Prim::ZERO }
     }
 
-    pub fn add(self, o: Prim) -> Prim {
+    pub fn plus(self, o: Prim) -> Prim {
         Prim {
             width: self.width + o.width,
             expert_hidden: self.expert_hidden + o.expert_hidden,
@@ -48,8 +48,8 @@ impl Prim {
             depth: self.depth + o.depth,
         }
     }
-    pub fn sub(self, o: Prim) -> Prim {
-        self.add(o.scale(-1.0))
+    pub fn minus(self, o: Prim) -> Prim {
+        self.plus(o.scale(-1.0))
     }
     pub fn scale(self, c: f64) -> Prim {
         Prim { width: c * self.width, expert_hidden: c * self.expert_hidden, active: c * self.active, depth: c * self.depth }
@@ -306,23 +306,23 @@ impl<'a> Engine<'a> {
             // A logit moves a gate g ~ 1/k whose product with the expert output (aligned with the stream
             // gradient after learning, sum of N terms of size 1/N) is O(1).
             Role::Router => {
-                let c = self.branch(spec).add(gate);
+                let c = self.branch(spec).plus(gate);
                 (c, c)
             }
             Role::Gain => {
-                let c = stream.add(self.branch(spec));
+                let c = stream.plus(self.branch(spec));
                 (c, c)
             }
             Role::Input | Role::Hidden | Role::Expert => match &spec.feeds {
                 None => {
-                    let c = stream.add(self.branch(spec)).add(gate);
+                    let c = stream.plus(self.branch(spec)).plus(gate);
                     (c, c)
                 }
                 Some(next_name) => {
                     let next = self.spec(next_name)?;
                     let (next_coherent, _) = self.backward(next, depth_guard + 1)?;
-                    let coherent = next_coherent.add(next.fan_out.prim()).sub(next.fan_in.prim());
-                    let random = next_coherent.add(next.fan_out.prim().scale(0.5)).add(self.effective_std(next));
+                    let coherent = next_coherent.plus(next.fan_out.prim()).minus(next.fan_in.prim());
+                    let random = next_coherent.plus(next.fan_out.prim().scale(0.5)).plus(self.effective_std(next));
                     (coherent, random)
                 }
             },
@@ -361,16 +361,16 @@ impl<'a> Engine<'a> {
         // (backward x input) changes the output by lr_eff x backward x fan_in under SGD and by
         // (multiplier x lr) x fan_in under Adam, whose update entries have size lr whatever the gradient.
         let lr = match self.optimizer {
-            Optimizer::Sgd => coherent.add(fan_in).scale(-1.0).sub(b.scale(2.0)),
-            Optimizer::Adam => fan_in.scale(-1.0).sub(b),
+            Optimizer::Sgd => coherent.plus(fan_in).scale(-1.0).minus(b.scale(2.0)),
+            Optimizer::Adam => fan_in.scale(-1.0).minus(b),
         };
         let init_var = match init {
             InitClass::One | InitClass::Zero => Prim::ZERO,
-            _ => s_eff.sub(b).scale(2.0),
+            _ => s_eff.minus(b).scale(2.0),
         };
         // Gradient of a stored entry = multiplier x backward x input entry (inputs are Theta(1)).
-        let grad_c = b.add(coherent).axes();
-        let grad_r = b.add(random).axes();
+        let grad_c = b.plus(coherent).axes();
+        let grad_r = b.plus(random).axes();
         let mut grad_rms = AxisValues::default();
         for axis in Axis::ALL {
             grad_rms.set(axis, grad_c.get(axis).max(grad_r.get(axis)));
