@@ -203,20 +203,27 @@ impl<'a> Problem<'a> {
         let mut rank = Array2::<usize>::zeros((e_n, p));
         let mut threshold = Array1::zeros(p);
         let score = |e: usize, mu: usize| logits[e][mu] + sites[e].bias;
-        for mu in 0..p {
-            let tie = |e: usize| match cfg.routing.tie_break {
-                TieBreak::Index => sites[e].index_jitter,
-                TieBreak::Random => jitter[[e, mu]],
-            };
-            let mut order: Vec<usize> = (0..e_n).collect();
-            order.sort_by(|&a, &b| {
-                score(b, mu)
-                    .partial_cmp(&score(a, mu))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(fluct[b][mu].partial_cmp(&fluct[a][mu]).unwrap_or(std::cmp::Ordering::Equal))
-                    .then(tie(b).partial_cmp(&tie(a)).unwrap_or(std::cmp::Ordering::Equal))
-                    .then(a.cmp(&b))
-            });
+        // Each sample's ranking is independent: sort in parallel, fill in sample order.
+        let orders: Vec<Vec<usize>> = (0..p)
+            .into_par_iter()
+            .map(|mu| {
+                let tie = |e: usize| match cfg.routing.tie_break {
+                    TieBreak::Index => sites[e].index_jitter,
+                    TieBreak::Random => jitter[[e, mu]],
+                };
+                let mut order: Vec<usize> = (0..e_n).collect();
+                order.sort_by(|&a, &b| {
+                    score(b, mu)
+                        .partial_cmp(&score(a, mu))
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                        .then(fluct[b][mu].partial_cmp(&fluct[a][mu]).unwrap_or(std::cmp::Ordering::Equal))
+                        .then(tie(b).partial_cmp(&tie(a)).unwrap_or(std::cmp::Ordering::Equal))
+                        .then(a.cmp(&b))
+                });
+                order
+            })
+            .collect();
+        for (mu, order) in orders.iter().enumerate() {
             for (pos, &e) in order.iter().enumerate() {
                 rank[[e, mu]] = pos;
                 active[[e, mu]] = pos < ks;
