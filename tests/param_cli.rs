@@ -253,4 +253,24 @@ proptest! {
         }
         survives(&text.into_iter().collect::<String>())?;
     }
+
+    #[test]
+    fn random_flags_never_panic(
+        nums in proptest::collection::vec(prop_oneof![Just(i64::MAX), Just(0i64), -5i64..5, 1i64..100_000], 10),
+        lr in prop_oneof![Just("1e308".to_string()), Just("-0".to_string()), Just("1e-320".to_string()), "[-0-9.e]{1,8}"],
+        preset in prop_oneof![Just("sp"), Just("mup"), Just("completep"), Just("moe-completep"), Just("x")],
+        optimizer in prop_oneof![Just("sgd"), Just("adam"), Just("")],
+    ) {
+        let flags = ["--width", "--depth", "--experts", "--active", "--expert-hidden", "--base-width", "--base-depth",
+                     "--base-experts", "--base-active", "--base-expert-hidden"];
+        let mut args: Vec<String> = Vec::new();
+        for (f, v) in flags.iter().zip(&nums) {
+            args.push(f.to_string());
+            args.push(v.to_string());
+        }
+        args.extend(["--lr".into(), lr, "--preset".into(), preset.into(), "--optimizer".into(), optimizer.into(), "--format".into(), "json".into()]);
+        let o = run(&args);
+        let code = o.status.code();
+        prop_assert!(code == Some(0) || code == Some(2), "exit {:?} for {:?}: {}", code, args, stderr(&o));
+    }
 }

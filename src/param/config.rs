@@ -287,18 +287,20 @@ pub fn validate_sizes(s: &Sizes, prefix: &str) -> crate::Result<()> {
 
 /// Checks that the target sizes keep the base kappa = k/M (the `experts` axis moves M and k together).
 pub fn validate_kappa(sizes: &Sizes, base: &Sizes) -> crate::Result<()> {
-    if sizes.active * base.experts == base.active * sizes.experts {
+    // u128: products of two usize sizes cannot overflow.
+    let w = |v: usize| v as u128;
+    if w(sizes.active) * w(base.experts) == w(base.active) * w(sizes.experts) {
         return Ok(());
     }
     let g = gcd(base.active, base.experts);
-    let (kb, mb) = (base.active / g, base.experts / g);
-    let implied = if (sizes.experts * kb) % mb == 0 {
-        format!("at experts = {} that kappa implies active = {}", sizes.experts, sizes.experts * kb / mb)
+    let (kb, mb) = (w(base.active / g), w(base.experts / g));
+    let implied = if (w(sizes.experts) * kb) % mb == 0 {
+        format!("at experts = {} that kappa implies active = {}", sizes.experts, w(sizes.experts) * kb / mb)
     } else {
         format!(
             "at experts = {} that kappa gives a non-integer active = {:.4}; choose experts a multiple of {}",
             sizes.experts,
-            (sizes.experts * kb) as f64 / mb as f64,
+            sizes.experts as f64 * kb as f64 / mb as f64,
             mb
         )
     };
@@ -309,23 +311,6 @@ pub fn validate_kappa(sizes: &Sizes, base: &Sizes) -> crate::Result<()> {
             sizes.active, sizes.experts, base.active, base.experts, kb, mb, implied
         ),
     ))
-}
-
-/// Every `feeds` names a defined group and following `feeds` never comes back to where it started.
-fn check_feeds(specs: &[GroupSpec]) -> crate::Result<()> {
-    for spec in specs {
-        let mut current = spec;
-        for _ in 0..=specs.len() {
-            let Some(next) = &current.feeds else { break };
-            current = specs.iter().find(|s| &s.name == next).ok_or_else(|| {
-                crate::Error::invalid(format!("groups.{}.feeds", current.name), format!("names `{next}`, which is not a group"))
-            })?;
-            if current.name == spec.name {
-                return Err(crate::Error::invalid(format!("groups.{}.feeds", spec.name), "forms a cycle"));
-            }
-        }
-    }
-    Ok(())
 }
 
 impl ParamConfig {
