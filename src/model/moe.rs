@@ -198,16 +198,16 @@ fn expert_forward<F: Real>(
     act: Activation,
 ) -> (Array2<F>, Array2<F>, Array2<F>, f64) {
     let mut hidden = a_e.dot(&up.t());
-    let mut slope = Array2::<F>::zeros(hidden.raw_dim());
     let m_up = F::of(mult.up);
     let mut u_sq_sum = 0.0;
-    Zip::from(&mut hidden).and(&mut slope).for_each(|h, d| {
+    // map_collect writes the slope into fresh memory once (no zero fill first).
+    let slope = Zip::from(&mut hidden).map_collect(|h| {
         let u = *h * m_up;
         let x = u.to_f64().unwrap_or(f64::NAN);
         u_sq_sum += x * x;
         let (v, s) = activation_and_slope(act, u);
         *h = v;
-        *d = s;
+        s
     });
     let mut z = hidden.dot(&down.t());
     z.mapv_inplace(|v| v * F::of(mult.down));
