@@ -313,6 +313,23 @@ pub fn validate_kappa(sizes: &Sizes, base: &Sizes) -> crate::Result<()> {
     ))
 }
 
+/// Every `feeds` names a defined group and following `feeds` never comes back to where it started.
+fn check_feeds(specs: &[GroupSpec]) -> crate::Result<()> {
+    for spec in specs {
+        let mut current = spec;
+        for _ in 0..=specs.len() {
+            let Some(next) = &current.feeds else { break };
+            current = specs.iter().find(|s| &s.name == next).ok_or_else(|| {
+                crate::Error::invalid(format!("groups.{}.feeds", current.name), format!("names `{next}`, which is not a group"))
+            })?;
+            if current.name == spec.name {
+                return Err(crate::Error::invalid(format!("groups.{}.feeds", spec.name), "forms a cycle"));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ParamConfig {
     /// Checks the scalar fields (sizes are checked in [`ParamConfig::resolve_table`]).
     pub fn validate(&self) -> crate::Result<()> {
