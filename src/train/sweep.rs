@@ -924,8 +924,9 @@ impl SweepSummary {
 
 /// HP transfer across several sweeps (one per axis, or one per (axis, preset)): one row per (axis, preset)
 /// with the optimum log2 LR of every size, the drift across the axis, and whether the drift stays within
-/// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5). A drift counts as within tolerance
-/// only when it is, every optimum is bracketed by the grid, and every size has an optimum.
+/// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5): `yes` when the drift plus one standard
+/// deviation is within it, `no` when the drift minus one standard deviation exceeds it, `undecided`
+/// otherwise or when an optimum is missing or sits on the edge of the grid.
 pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -953,12 +954,17 @@ pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
                 Some(d) => (
                     format!("{:.2}{}", d.range, d.range_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
                     format!("{:+.2}{}", d.per_doubling, d.per_doubling_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
-                    if !complete || !d.all_bracketed {
-                        "undecided"
-                    } else if d.range <= tolerance {
-                        "yes"
-                    } else {
-                        "no"
+                    {
+                        let sd = d.range_std.unwrap_or(0.0);
+                        if !complete || !d.all_bracketed {
+                            "undecided (edge)"
+                        } else if d.range + sd <= tolerance {
+                            "yes"
+                        } else if d.range - sd > tolerance {
+                            "no"
+                        } else {
+                            "undecided (1 sd)"
+                        }
                     },
                 ),
                 None => ("n/a".into(), "n/a".into(), "undecided"),
