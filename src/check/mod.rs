@@ -5,3 +5,4 @@
 pub mod fit;
 pub mod coord;
 pub mod run;
+pub mod compare;

@@ -113,6 +113,25 @@ fn flat<F: crate::model::Real>(a: &Array2<F>, out: &mut Vec<f64>) {
 /// not only the routed ones), the MoE outputs `m`, the last residual stream `h_L` and the output `f`.
 /// `rng` drives tie-breaking exactly as in `Model::forward`, so the same rng state gives the same `f`.
 pub fn probe_resnet<F: crate::model::Real>(model: &MoeResNet<F>, x: &Array2<f64>, rng: &mut ChaCha8Rng) -> Result<Activations> {
+    replay(model, x, rng, true).map(|(a, _)| a)
+}
+
+/// The last residual stream `h_L` (B x N) and the last block's router logits (B x M) of a forward pass,
+/// without the per-expert preactivations (cheap enough for large networks).
+pub fn probe_resnet_light<F: crate::model::Real>(
+    model: &MoeResNet<F>,
+    x: &Array2<f64>,
+    rng: &mut ChaCha8Rng,
+) -> Result<super::compare::LightProbe> {
+    replay(model, x, rng, false).map(|(_, l)| l)
+}
+
+fn replay<F: crate::model::Real>(
+    model: &MoeResNet<F>,
+    x: &Array2<f64>,
+    rng: &mut ChaCha8Rng,
+    all_experts: bool,
+) -> Result<(Activations, super::compare::LightProbe)> {
     let cfg = model.config();
     let m = model.multipliers();
     let store = model.store();
@@ -132,6 +151,7 @@ pub fn probe_resnet<F: crate::model::Real>(model: &MoeResNet<F>, x: &Array2<f64>
     let mut embedding = Vec::new();
     flat(&h, &mut embedding);
     let (mut logits, mut pre, mut moe_out) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last_logits = Array2::zeros((x.nrows(), shape.experts));
     for l in 0..cfg.sizes.depth {
         let a = if cfg.norm {
             let i = store.index_of(&format!("blocks.{l}.norm")).ok_or_else(|| Error::Internal("probe: norm missing".into()))?;
@@ -149,7 +169,8 @@ pub fn probe_resnet<F: crate::model::Real>(model: &MoeResNet<F>, x: &Array2<f64>
         let mut r = a.dot(&w.router.t());
         r.mapv_inplace(|v| v * F::of(mult.router));
         flat(&r, &mut logits);
-        for e in 0..shape.experts {
+        last_logits = r.mapv(|v| v.to_f64().unwrap_or(f64::NAN));
+        for e in (0..shape.experts).filter(|_| all_experts) {
             let mut u = a.dot(&w.up.index_axis(NdAxis(0), e).t());
             u.mapv_inplace(|v| v * F::of(mult.up));
             flat(&u, &mut pre);
@@ -163,7 +184,8 @@ pub fn probe_resnet<F: crate::model::Real>(model: &MoeResNet<F>, x: &Array2<f64>
     let (mut residual, mut output) = (Vec::new(), Vec::new());
     flat(&h, &mut residual);
     flat(&f, &mut output);
-    Ok(Activations {
+    let light = super::compare::LightProbe { residual: h.mapv(|v| v.to_f64().unwrap_or(f64::NAN)), last_logits };
+    let acts = Activations {
         fields: vec![
             ("embedding", embedding),
             ("router_logits", logits),
@@ -172,7 +194,8 @@ pub fn probe_resnet<F: crate::model::Real>(model: &MoeResNet<F>, x: &Array2<f64>
             ("residual", residual),
             ("output", output),
         ],
-    })
+    };
+    Ok((acts, light))
 }
 
 fn rms(v: &[f64]) -> f64 {

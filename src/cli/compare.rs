@@ -1,8 +1,66 @@
-//! `moe-dmft compare` (being written).
+//! `moe-dmft compare`: the DMFT solution against finite MoE-ResNets at growing (N, M, n) on the same task
+//! (loss curves, final kernel, routing thresholds, expert-load distribution), with the gaps' fitted
+//! rates. Writes `compare.json`, `table.md` and the curves as `.npy` for other tools.
+
+use std::path::PathBuf;
+
+use ndarray::Array2;
+
+use crate::check::compare::{run_compare, CompareSpec};
+use crate::dmft::SolveConfig;
+use crate::{Error, Result};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Solver config (TOML, as for `moe-dmft solve`); default: the SPEC §4 task, kappa = 1/4, 20 steps.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Finite ladder as N:M:n triples, comma-separated.
+    #[arg(long, default_value = "128:32:32,256:64:64,512:128:128,1024:256:256")]
+    pub ladder: String,
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    /// Output folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> crate::Result<()> {
-    Err(crate::Error::Unavailable { what: "`compare`".into(), reason: "not built yet in this version".into() })
+pub fn parse_ladder(s: &str) -> Result<Vec<(usize, usize, usize)>> {
+    s.split(',')
+        .map(|t| {
+            let parts: Vec<&str> = t.trim().split(':').collect();
+            let num = |x: &str| x.parse::<usize>().map_err(|_| Error::invalid("ladder", format!("`{t}` is not N:M:n with positive integers")));
+            match parts.as_slice() {
+                [a, b, c] => Ok((num(a)?, num(b)?, num(c)?)),
+                _ => Err(Error::invalid("ladder", format!("`{t}` is not N:M:n"))),
+            }
+        })
+        .collect()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let solve = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })?;
+            SolveConfig::from_toml_str(&text)?
+        }
+        None => SolveConfig::default(),
+    };
+    let spec = CompareSpec { solve, ladder: parse_ladder(&args.ladder)?, seeds: args.seeds };
+    let r = run_compare(&spec)?;
+    let table = r.table();
+    println!("{table}");
+    if let Some(dir) = &args.out {
+        super::coord_check::write_json(&dir.join("compare.json"), &r)?;
+        std::fs::write(dir.join("table.md"), &table).map_err(|source| Error::Write { path: dir.join("table.md"), source })?;
+        let t = r.dmft.loss.len();
+        let mut curves = Array2::<f64>::zeros((r.sizes.len() + 1, t));
+        curves.row_mut(0).assign(&ndarray::Array1::from(r.dmft.loss.clone()));
+        for (i, s) in r.sizes.iter().enumerate() {
+            curves.row_mut(i + 1).assign(&ndarray::Array1::from(s.loss_mean.clone()));
+        }
+        let path = dir.join("loss_curves.npy");
+        ndarray_npy::write_npy(&path, &curves).map_err(|e| Error::Write { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+    }
+    Ok(())
 }
