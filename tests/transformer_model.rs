@@ -314,3 +314,59 @@ fn diagnostics_cover_every_block() {
     }
     assert!(out.diagnostics.iter().any(|(k, v)| k == "logits_rms" && *v > 0.0));
 }
+
+#[test]
+fn safetensors_round_trip_and_from_store_checks() {
+    let cfg = TransformerConfig {
+        moe_every: 2,
+        routing: RoutingConfig {
+            shared_experts: 1,
+            ..Default::default()
+        },
+        ..small()
+    };
+    let hp = ParamConfig {
+        sigma_router: 1.0,
+        ..ParamConfig::default()
+    }
+    .resolve(&cfg.sizes)
+    .unwrap();
+    let model = MoeTransformer::<f32>::new(&cfg, &hp, &mut ChaCha8Rng::seed_from_u64(18)).unwrap();
+    let names: Vec<String> = model.store().params.iter().map(|p| p.name.clone()).collect();
+    let expected: Vec<String> = cfg.layout().into_iter().map(|(n, _, _)| n).collect();
+    assert_eq!(names, expected);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    moe_dmft::model::io::save_safetensors(model.store(), &path).unwrap();
+    let loaded =
+        MoeTransformer::<f32>::from_store(&cfg, &hp, moe_dmft::model::io::load_safetensors(&path).unwrap()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    let batch = random_tokens(2, 8, cfg.vocab, &mut rng);
+    let a = model.loss_and_grad(&batch, &mut ChaCha8Rng::seed_from_u64(20)).unwrap();
+    let b = loaded
+        .loss_and_grad(&batch, &mut ChaCha8Rng::seed_from_u64(20))
+        .unwrap();
+    assert_eq!(a.loss, b.loss);
+    assert_eq!(a.grads, b.grads);
+
+    // f64 copy of the same weights: same loss up to f32 rounding.
+    let (l64, _) = model
+        .cast::<f64>()
+        .forward(&batch, &mut ChaCha8Rng::seed_from_u64(20))
+        .unwrap();
+    assert!((l64 - a.loss).abs() < 1e-4, "{l64} vs {}", a.loss);
+
+    let mut missing = model.store().clone();
+    missing.params.retain(|p| p.name != "blocks.1.moe.router");
+    let e = MoeTransformer::<f32>::from_store(&cfg, &hp, missing).err().unwrap();
+    assert_eq!(invalid_field(e), "weights.blocks.1.moe.router");
+    let mut wrong = model.store().clone();
+    wrong.params[0].value = ndarray::ArrayD::zeros(vec![3, 3]);
+    let e = MoeTransformer::<f32>::from_store(&cfg, &hp, wrong).err().unwrap();
+    assert_eq!(invalid_field(e), "weights.embedding");
+    let mut extra = model.store().clone();
+    extra.push("stray", Group::Norm, ndarray::ArrayD::zeros(vec![2]));
+    let e = MoeTransformer::<f32>::from_store(&cfg, &hp, extra).err().unwrap();
+    assert_eq!(invalid_field(e), "weights.stray");
+}

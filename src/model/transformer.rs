@@ -31,7 +31,7 @@ use super::attention::{
 };
 use super::moe::{moe_backward, moe_forward, normal_init, MoeCache, MoeMultipliers, MoeParamIds, MoeShape};
 use super::norm::{rms_norm_backward, rms_norm_forward, NormCache};
-use super::{Activation, Batch, Grads, Model, ParamStore, Real, StepOutput};
+use super::{Activation, Batch, Grads, Model, Param, ParamStore, Real, StepOutput};
 use crate::param::{Group, Resolved, Sizes};
 use crate::routing::{update_bias, LoadStats, RoutingConfig};
 use crate::Error;
@@ -150,6 +150,49 @@ impl TransformerConfig {
             ));
         }
         self.routing.validate(s.experts, s.active)
+    }
+
+    /// Shapes of an MoE block's tensors.
+    pub fn moe_shape(&self) -> MoeShape {
+        let s = &self.sizes;
+        MoeShape {
+            width: s.width,
+            experts: s.experts,
+            expert_hidden: s.expert_hidden,
+            shared_experts: self.routing.shared_experts,
+        }
+    }
+
+    /// (name, group, shape) of every tensor in store order; the names are the safetensors names.
+    /// Tied embeddings have no `unembedding` tensor.
+    pub fn layout(&self) -> Vec<(String, Group, Vec<usize>)> {
+        let (n, h) = (self.sizes.width, self.sizes.expert_hidden);
+        let mut v = vec![
+            ("embedding".to_string(), Group::Embedding, vec![self.vocab, n]),
+            (
+                "position_embedding".to_string(),
+                Group::Embedding,
+                vec![self.seq_len, n],
+            ),
+        ];
+        for l in 0..self.sizes.depth {
+            let prefix = format!("blocks.{l}");
+            v.push((format!("{prefix}.attn_norm"), Group::Norm, vec![n]));
+            v.push((format!("{prefix}.attn.qkv"), Group::AttnQkv, vec![3 * n, n]));
+            v.push((format!("{prefix}.attn.out"), Group::AttnOut, vec![n, n]));
+            v.push((format!("{prefix}.ffn_norm"), Group::Norm, vec![n]));
+            if self.is_moe_block(l) {
+                v.extend(self.moe_shape().layout(&format!("{prefix}.moe")));
+            } else {
+                v.push((format!("{prefix}.ffn.expert_up"), Group::ExpertUp, vec![h, n]));
+                v.push((format!("{prefix}.ffn.expert_down"), Group::ExpertDown, vec![n, h]));
+            }
+        }
+        v.push(("final_norm".to_string(), Group::Norm, vec![n]));
+        if !self.tied_embeddings {
+            v.push(("unembedding".to_string(), Group::Unembedding, vec![self.vocab, n]));
+        }
+        v
     }
 
     /// Whether block `l` carries the MoE FFN.
@@ -282,8 +325,85 @@ fn scaled<F: Real>(mut a: Array2<F>, factor: f64) -> Array2<F> {
 }
 
 impl<F: Real> MoeTransformer<F> {
-    /// Builds the model with weights initialised from `hp` (init std per group) using `rng`.
+    /// Builds the model with weights initialised from `hp` using `rng`: every matrix N(0, init_std^2) of
+    /// its group, norm gains 1, balancing biases 0, in [`TransformerConfig::layout`] order.
     pub fn new(cfg: &TransformerConfig, hp: &Resolved, rng: &mut ChaCha8Rng) -> crate::Result<Self> {
+        Self::check(cfg, hp)?;
+        let params = cfg
+            .layout()
+            .into_iter()
+            .map(|(name, group, dims)| {
+                let value = match group {
+                    Group::Norm => ArrayD::from_elem(dims, F::one()),
+                    Group::ExpertBias => ArrayD::zeros(dims),
+                    _ => normal_init(&dims, hp.get(group).init_std, rng),
+                };
+                Param { name, group, value }
+            })
+            .collect();
+        Self::assemble(cfg, hp, ParamStore { params })
+    }
+
+    /// A model with the given weights (e.g. from [`super::io::load_safetensors`]). Every tensor of the
+    /// layout must be present with its shape and group; extra tensors are an error; order is free.
+    pub fn from_store(cfg: &TransformerConfig, hp: &Resolved, store: ParamStore<F>) -> crate::Result<Self> {
+        Self::check(cfg, hp)?;
+        let mut params: Vec<Option<Param<F>>> = store.params.into_iter().map(Some).collect();
+        let mut ordered = Vec::new();
+        for (name, group, dims) in cfg.layout() {
+            let p = params
+                .iter_mut()
+                .find(|p| p.as_ref().is_some_and(|p| p.name == name))
+                .and_then(Option::take)
+                .ok_or_else(|| Error::invalid(format!("weights.{name}"), "missing"))?;
+            if p.value.shape() != dims.as_slice() {
+                return Err(Error::invalid(
+                    format!("weights.{name}"),
+                    format!("has shape {:?}, the config needs {dims:?}", p.value.shape()),
+                ));
+            }
+            if p.group != group {
+                return Err(Error::invalid(
+                    format!("weights.{name}"),
+                    format!("is in group `{}`, expected `{}`", p.group.name(), group.name()),
+                ));
+            }
+            ordered.push(p);
+        }
+        if let Some(extra) = params.into_iter().flatten().next() {
+            return Err(Error::invalid(
+                format!("weights.{}", extra.name),
+                "is not a tensor of this model",
+            ));
+        }
+        Self::assemble(cfg, hp, ParamStore { params: ordered })
+    }
+
+    /// The same model with every tensor converted to another float type (f32 <-> f64, for checks).
+    pub fn cast<G: Real>(&self) -> MoeTransformer<G> {
+        let params = self
+            .store
+            .params
+            .iter()
+            .map(|p| Param {
+                name: p.name.clone(),
+                group: p.group,
+                value: p.value.mapv(|v| G::of(v.to_f64().unwrap_or(f64::NAN))),
+            })
+            .collect();
+        MoeTransformer {
+            cfg: self.cfg.clone(),
+            mult: self.mult,
+            store: ParamStore { params },
+            embedding: self.embedding,
+            position: self.position,
+            blocks: self.blocks.clone(),
+            final_norm: self.final_norm,
+            unembedding: self.unembedding,
+        }
+    }
+
+    fn check(cfg: &TransformerConfig, hp: &Resolved) -> crate::Result<()> {
         cfg.validate()?;
         if hp.sizes != cfg.sizes {
             return Err(Error::invalid(
@@ -294,84 +414,35 @@ impl<F: Real> MoeTransformer<F> {
                 ),
             ));
         }
-        let Sizes {
-            width,
-            depth,
-            experts,
-            expert_hidden,
-            ..
-        } = cfg.sizes;
-        let std = |g: Group| hp.get(g).init_std;
-        let mut store = ParamStore { params: Vec::new() };
-        let embedding = store.push(
-            "embedding",
-            Group::Embedding,
-            normal_init(&[cfg.vocab, width], std(Group::Embedding), rng),
-        );
-        let position = store.push(
-            "position_embedding",
-            Group::Embedding,
-            normal_init(&[cfg.seq_len, width], std(Group::Embedding), rng),
-        );
-        let ones = || ArrayD::<F>::from_elem(vec![width], F::one());
-        let mut blocks = Vec::with_capacity(depth);
-        for l in 0..depth {
+        Ok(())
+    }
+
+    /// Finds the tensor positions of a store in layout order and reads the multipliers from `hp`.
+    fn assemble(cfg: &TransformerConfig, hp: &Resolved, store: ParamStore<F>) -> crate::Result<Self> {
+        let find = |name: &str| {
+            store
+                .index_of(name)
+                .ok_or_else(|| Error::Internal(format!("tensor `{name}` missing")))
+        };
+        let mut blocks = Vec::with_capacity(cfg.sizes.depth);
+        for l in 0..cfg.sizes.depth {
             let prefix = format!("blocks.{l}");
-            let attn_norm = store.push(format!("{prefix}.attn_norm"), Group::Norm, ones());
-            let qkv = store.push(
-                format!("{prefix}.attn.qkv"),
-                Group::AttnQkv,
-                normal_init(&[3 * width, width], std(Group::AttnQkv), rng),
-            );
-            let out = store.push(
-                format!("{prefix}.attn.out"),
-                Group::AttnOut,
-                normal_init(&[width, width], std(Group::AttnOut), rng),
-            );
-            let ffn_norm = store.push(format!("{prefix}.ffn_norm"), Group::Norm, ones());
             let ffn = if cfg.is_moe_block(l) {
-                let shape = MoeShape {
-                    width,
-                    experts,
-                    expert_hidden,
-                    shared_experts: cfg.routing.shared_experts,
-                };
-                FfnIds::Moe(MoeParamIds::push_init(
-                    &mut store,
-                    &format!("{prefix}.moe"),
-                    &shape,
-                    hp,
-                    rng,
-                ))
+                FfnIds::Moe(MoeParamIds::find(&store, &format!("{prefix}.moe"), &cfg.moe_shape())?)
             } else {
-                let up = store.push(
-                    format!("{prefix}.ffn.expert_up"),
-                    Group::ExpertUp,
-                    normal_init(&[expert_hidden, width], std(Group::ExpertUp), rng),
-                );
-                let down = store.push(
-                    format!("{prefix}.ffn.expert_down"),
-                    Group::ExpertDown,
-                    normal_init(&[width, expert_hidden], std(Group::ExpertDown), rng),
-                );
-                FfnIds::Dense { up, down }
+                FfnIds::Dense {
+                    up: find(&format!("{prefix}.ffn.expert_up"))?,
+                    down: find(&format!("{prefix}.ffn.expert_down"))?,
+                }
             };
             blocks.push(BlockIds {
-                attn_norm,
-                qkv,
-                out,
-                ffn_norm,
+                attn_norm: find(&format!("{prefix}.attn_norm"))?,
+                qkv: find(&format!("{prefix}.attn.qkv"))?,
+                out: find(&format!("{prefix}.attn.out"))?,
+                ffn_norm: find(&format!("{prefix}.ffn_norm"))?,
                 ffn,
             });
         }
-        let final_norm = store.push("final_norm", Group::Norm, ones());
-        let unembedding = (!cfg.tied_embeddings).then(|| {
-            store.push(
-                "unembedding",
-                Group::Unembedding,
-                normal_init(&[cfg.vocab, width], std(Group::Unembedding), rng),
-            )
-        });
         let mult = Multipliers {
             embedding: hp.get(Group::Embedding).multiplier,
             qkv: hp.get(Group::AttnQkv).multiplier,
@@ -383,12 +454,16 @@ impl<F: Real> MoeTransformer<F> {
         Ok(MoeTransformer {
             cfg: cfg.clone(),
             mult,
-            store,
-            embedding,
-            position,
+            embedding: find("embedding")?,
+            position: find("position_embedding")?,
             blocks,
-            final_norm,
-            unembedding,
+            final_norm: find("final_norm")?,
+            unembedding: if cfg.tied_embeddings {
+                None
+            } else {
+                Some(find("unembedding")?)
+            },
+            store,
         })
     }
 
