@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod compare;
 pub mod coord_check;
+pub mod demo;
 pub mod figures;
 pub mod gpu;
 pub mod param;
@@ -22,6 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The main demo: DMFT solve and finite networks at two sizes, one figure of the three loss curves.
+    Demo(demo::Args),
     /// Per-group hyperparameters of a parameterization at given sizes.
     Param(param::Args),
     /// Train a finite network from a TOML config.
@@ -70,6 +73,7 @@ pub fn main() -> i32 {
 
 pub fn run(command: Command) -> crate::Result<()> {
     match command {
+        Command::Demo(a) => demo::run(a),
         Command::Param(a) => param::run(a),
         Command::Train(a) => train::run(a),
         Command::Solve(a) => solve::run(a),
