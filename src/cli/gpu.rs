@@ -4,6 +4,7 @@
 //! - `gpu probe`: prints the device as JSON, or exits 2 naming what is missing.
 //! - `gpu train --config FILE --out DIR`: trains an ordinary `train` config (arch `resnet`) on the GPU and
 //!   writes the same outputs as `moe-dmft train`.
+//! - `gpu selftest --out FILE`: the cuBLAS wrapper and the routing kernels against their CPU counterparts.
 //! - `gpu check --config FILE... --out FILE`: CPU vs GPU on the same weights (see `cuda::run::check`);
 //!   exits 1 when a config fails its tolerance.
 //! - `gpu bench ... --out FILE`: times device training steps of an MoE-ResNet.
@@ -33,6 +34,12 @@ pub enum GpuCommand {
         /// Let cuBLAS use TF32 tensor cores (faster, about 1e-3 relative error in products).
         #[arg(long)]
         tf32: bool,
+    },
+    /// Component checks: cuBLAS wrapper and routing kernels against their CPU counterparts.
+    Selftest {
+        /// JSON report (one entry per component check).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Compare CPU and GPU on the same weights: loss, predictions, load, gradients, one optimizer step.
     Check {
@@ -111,6 +118,19 @@ mod imp {
                 let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Internal(format!("json: {e}")))?;
                 println!("{text}");
                 Ok(())
+            }
+            GpuCommand::Selftest { out } => {
+                let gpu = crate::cuda::device::Gpu::new(0, false)?;
+                let tests = crate::cuda::selftest::run(&gpu)?;
+                for t in &tests {
+                    eprintln!("{:<45} error {:.2e}: {}", t.name, t.error, if t.passed { "PASS" } else { "FAIL" });
+                }
+                write_json(&out, &tests)?;
+                if tests.iter().all(|t| t.passed) {
+                    Ok(())
+                } else {
+                    Err(Error::Internal(format!("a component check failed; see {}", out.display())))
+                }
             }
             GpuCommand::Train { config, out, tf32 } => {
                 let cfg = TrainConfig::from_file(&config)?;

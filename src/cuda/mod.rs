@@ -29,6 +29,8 @@ pub mod device;
 pub mod resnet;
 #[cfg(feature = "cuda")]
 pub mod run;
+#[cfg(feature = "cuda")]
+pub mod selftest;
 
 /// What [`probe`] found: the first device and the libraries the backend loads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -59,7 +59,8 @@ if [ "$(cat "$WORK/probe.rc")" != 0 ]; then
   exit 2
 fi
 
-# (a) correctness
+# (a) correctness: components first (cuBLAS wrapper, routing kernels), then whole models
+step selftest 60 "$BIN" gpu selftest --out "$WORK/selftest.json"
 step check 120 "$BIN" gpu check --tolerance 1e-3 --out "$WORK/check.json" \
   --config "$HERE/check_softmax_norm.toml" "$HERE/check_variants.toml" "$HERE/check_zero_router.toml" "$HERE/check_index_ties.toml"
 step train_cpu 60 "$BIN" train --config "$HERE/train_small.toml" --out "$WORK/train_cpu"

@@ -54,9 +54,13 @@ def main():
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "no-gpu"
 
     res = {"gpu": gpu, "nvidia_smi": smi, "probe": probe, "exit_codes": {}}
-    for name in ["probe", "check", "train_cpu", "train_gpu", "ours_f32", "torch_eager_f32", "ours_tf32",
+    for name in ["probe", "selftest", "check", "train_cpu", "train_gpu", "ours_f32", "torch_eager_f32", "ours_tf32",
                  "torch_eager_tf32", "torch_compile_f32"]:
         res["exit_codes"][name] = read_rc(w, name)
+
+    selftest = load(os.path.join(w, "selftest.json"))
+    if selftest is not None:
+        res["selftest"] = {"passed": all(t["passed"] for t in selftest), "tests": selftest}
 
     check = load(os.path.join(w, "check.json"))
     if check is not None:
@@ -127,6 +131,9 @@ def main():
 
     print("results: %s" % path)
     print("gpu: %s" % gpu)
+    if "selftest" in res:
+        for t in res["selftest"]["tests"]:
+            print("selftest %-45s %s  error %.2e" % (t["name"], "PASS" if t["passed"] else "FAIL", t["error"]))
     if "check" in res:
         for c in res["check"]["configs"]:
             print("check %-45s %s  max grad rel err %.2e  param after step %.2e  load diff %.1e" % (
