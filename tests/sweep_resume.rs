@@ -178,6 +178,19 @@ fn bad_input_exits_with_code_2_and_names_the_field() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("grid.sizes"));
 
+    // A missing corpus stops the sweep at its first point with code 2, leaving no result.
+    let corpus = dir.path().join("corpus.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("sizes = [16, 0]", "sizes = [16, 32]");
+    let text = text.replace(
+        "kind = \"markov\"\nvocab_size = 16\nbranching = 3\nlength = 4000\nseed = 1",
+        &format!("kind = \"shakespeare\"\ncorpus_dir = \"{}\"", dir.path().join("no-corpus").display()),
+    );
+    assert!(text.contains("no-corpus"));
+    std::fs::write(&corpus, text).unwrap();
+    let o = sweep_cmd(&corpus, &dir.path().join("out_corpus"), &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(results(&dir.path().join("out_corpus")).is_empty());
+
     // A grid point the trainer rejects fails the sweep before anything runs.
     let text = std::fs::read_to_string(&config)
         .unwrap()
