@@ -48,7 +48,8 @@ fn invalid_field(e: Error) -> String {
 
 #[test]
 fn config_errors_name_the_field() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut TransformerConfig)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut TransformerConfig)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("model.n_head", Box::new(|c| c.n_head = 3)),
         ("model.sizes.active", Box::new(|c| c.sizes.active = 5)),
         ("model.sizes.width", Box::new(|c| c.sizes.width = 0)),

@@ -251,7 +251,7 @@ struct BlockCache<F> {
 }
 
 enum FfnCache<F> {
-    Moe(MoeCache<F>),
+    Moe(Box<MoeCache<F>>),
     /// FFN input, `phi(u)` and `phi'(u)` (the slope is kept so the backward needs no second tanh).
     Dense {
         input: Array2<F>,
@@ -588,7 +588,7 @@ impl<F: Real> MoeTransformer<F> {
                     diagnostics.push((format!("block{l}.expert_preact_rms"), o.diagnostics.expert_preact_rms));
                     aux_loss += o.aux_loss;
                     load.push(o.load);
-                    (o.out, FfnCache::Moe(o.cache))
+                    (o.out, FfnCache::Moe(Box::new(o.cache)))
                 }
                 FfnIds::Dense { up, down } => {
                     let (out, hidden, slope, pre_rms) = self.dense_forward(a.view(), *up, *down);
