@@ -17,18 +17,40 @@ use rand_chacha::ChaCha8Rng;
 
 /// The mean-field SGD instance of SPEC §4 at the given sizes.
 fn mean_field(sizes: Sizes, input_dim: usize, eta0: f64, gamma0: f64) -> Resolved {
-    let (n, l, k, h) = (sizes.width as f64, sizes.depth as f64, sizes.active as f64, sizes.expert_hidden as f64);
+    let (n, l, k, h) = (
+        sizes.width as f64,
+        sizes.depth as f64,
+        sizes.active as f64,
+        sizes.expert_hidden as f64,
+    );
     let eta = eta0 * gamma0 * gamma0;
-    let hp = |group, init_std, multiplier, lr| GroupHp { group, init_std, multiplier, lr, adam_eps: None, weight_decay: 0.0 };
+    let hp = |group, init_std, multiplier, lr| GroupHp {
+        group,
+        init_std,
+        multiplier,
+        lr,
+        adam_eps: None,
+        weight_decay: 0.0,
+    };
     let mut groups = vec![
-        hp(Group::Embedding, 1.0, 1.0 / (input_dim as f64).sqrt(), eta * n),
+        hp(
+            Group::Embedding,
+            1.0,
+            1.0 / (input_dim as f64).sqrt(),
+            eta * n,
+        ),
         hp(Group::Router, 0.0, 1.0 / n.sqrt(), eta * k * l),
         hp(Group::ExpertUp, 1.0, 1.0 / n.sqrt(), eta * h * k * l),
         hp(Group::ExpertDown, 1.0, 1.0 / h, eta * n * h * k * l),
         hp(Group::ExpertBias, 0.0, 1.0, 0.0),
         hp(Group::Readout, 1.0, 1.0 / (gamma0 * n), eta * n),
     ];
-    for g in [Group::AttnQkv, Group::AttnOut, Group::Norm, Group::Unembedding] {
+    for g in [
+        Group::AttnQkv,
+        Group::AttnOut,
+        Group::Norm,
+        Group::Unembedding,
+    ] {
         groups.push(hp(g, 1.0, 1.0, 0.0));
     }
     Resolved {
@@ -60,7 +82,10 @@ fn finite_curve(
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut model: MoeResNet<f32> = MoeResNet::new(&cfg, &hp, &mut rng)?;
-    let batch = Batch::Regression { x: task.x.clone(), y: task.y.clone() };
+    let batch = Batch::Regression {
+        x: task.x.clone(),
+        y: task.y.clone(),
+    };
     let mut losses = Vec::with_capacity(steps + 1);
     for _ in 0..steps {
         let out = model.loss_and_grad(&batch, &mut rng)?;
@@ -73,13 +98,21 @@ fn finite_curve(
     }
     let last = model.loss_and_grad(&batch, &mut rng)?;
     losses.push(last.loss);
-    let (cv, dropped) = last.load.first().map_or((f64::NAN, f64::NAN), |l| (l.cv, l.dropped));
+    let (cv, dropped) = last
+        .load
+        .first()
+        .map_or((f64::NAN, f64::NAN), |l| (l.cv, l.dropped));
     Ok((losses, cv, dropped))
 }
 
 fn main() -> moe_dmft::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let depth: usize = get("--depth").map_or(1, |v| v.parse().expect("--depth"));
     let steps: usize = get("--steps").map_or(20, |v| v.parse().expect("--steps"));
     let seeds: u64 = get("--seeds").map_or(3, |v| v.parse().expect("--seeds"));
@@ -97,7 +130,10 @@ fn main() -> moe_dmft::Result<()> {
         .unwrap_or_else(|| "128x32x32,256x64x64,512x128x128".into())
         .split(',')
         .map(|s| {
-            let v: Vec<usize> = s.split('x').map(|x| x.parse().expect("--sizes NxMxn")).collect();
+            let v: Vec<usize> = s
+                .split('x')
+                .map(|x| x.parse().expect("--sizes NxMxn"))
+                .collect();
             (v[0], v[1], v[2])
         })
         .collect();
@@ -105,7 +141,11 @@ fn main() -> moe_dmft::Result<()> {
         tie_break: tie,
         prototypes: get("--prototypes").map_or(1, |v| v.parse().expect("--prototypes")),
         capacity_factor: get("--capacity").map(|v| v.parse().expect("--capacity")),
-        gate: if get("--gate").as_deref() == Some("sigmoid") { Gate::Sigmoid } else { Gate::Softmax },
+        gate: if get("--gate").as_deref() == Some("sigmoid") {
+            Gate::Sigmoid
+        } else {
+            Gate::Softmax
+        },
         bias_update_rate: get("--bias-rate").map_or(0.0, |v| v.parse().expect("--bias-rate")),
         ..RoutingConfig::default()
     };
@@ -134,20 +174,33 @@ fn main() -> moe_dmft::Result<()> {
         sol.wall_s,
         de.unwrap_or(f64::NAN)
     );
-    println!("{:>16} {:>10} {:>9} {:>9} {:>10}", "N x M x n", "final", "+-", "gap", "traj gap");
+    println!(
+        "{:>16} {:>10} {:>9} {:>9} {:>10}",
+        "N x M x n", "final", "+-", "gap", "traj gap"
+    );
     for (n, m, h) in sizes {
         let k = m / 4;
-        let s = Sizes { width: n, depth, experts: m, active: k, expert_hidden: h };
+        let s = Sizes {
+            width: n,
+            depth,
+            experts: m,
+            active: k,
+            expert_hidden: h,
+        };
         let start = std::time::Instant::now();
-        let runs: Vec<(Vec<f64>, f64, f64)> =
-            (0..seeds).map(|seed| finite_curve(s, act, &routing, &task, steps, seed)).collect::<Result<_, _>>()?;
+        let runs: Vec<(Vec<f64>, f64, f64)> = (0..seeds)
+            .map(|seed| finite_curve(s, act, &routing, &task, steps, seed))
+            .collect::<Result<_, _>>()?;
         let cv = runs.iter().map(|r| r.1).sum::<f64>() / runs.len() as f64;
         let dropped = runs.iter().map(|r| r.2).sum::<f64>() / runs.len() as f64;
         let curves: Vec<Vec<f64>> = runs.into_iter().map(|r| r.0).collect();
         let fin: Vec<f64> = curves.iter().map(|c| c[steps]).collect();
         let mean = fin.iter().sum::<f64>() / fin.len() as f64;
         let se = if fin.len() > 1 {
-            (fin.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (fin.len() - 1) as f64 / fin.len() as f64).sqrt()
+            (fin.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
+                / (fin.len() - 1) as f64
+                / fin.len() as f64)
+                .sqrt()
         } else {
             f64::NAN
         };

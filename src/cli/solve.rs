@@ -17,10 +17,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> crate::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .map_err(|source| Error::Read { path: args.config.clone(), source })?;
+    let text = std::fs::read_to_string(&args.config).map_err(|source| Error::Read {
+        path: args.config.clone(),
+        source,
+    })?;
     let cfg = SolveConfig::from_toml_str(&text).map_err(|e| match e {
-        Error::Parse { reason, .. } => Error::Parse { path: args.config.clone(), reason },
+        Error::Parse { reason, .. } => Error::Parse {
+            path: args.config.clone(),
+            reason,
+        },
         other => other,
     })?;
     let task = crate::data::make_task(&cfg.task)?;
@@ -37,7 +42,12 @@ pub fn run(args: Args) -> crate::Result<()> {
     let mut observe = |p: &dmft::Progress| {
         if let Some(b) = &bar {
             b.inc(1);
-            b.set_message(format!("repeat {}/{} loss {:.5}", p.repeat + 1, p.repeats, p.loss));
+            b.set_message(format!(
+                "repeat {}/{} loss {:.5}",
+                p.repeat + 1,
+                p.repeats,
+                p.loss
+            ));
         }
     };
     let result = dmft::solve(&cfg, &task, Some(&mut observe));
@@ -49,8 +59,16 @@ pub fn run(args: Args) -> crate::Result<()> {
             output::write_outputs(&args.out, &cfg, &task, &sol)?;
             let (loss, err) = sol.final_loss();
             match err {
-                Some(e) => println!("final loss {loss:.6} +- {e:.6} ({:.1} s) -> {}", sol.wall_s, args.out.display()),
-                None => println!("final loss {loss:.6} ({:.1} s) -> {}", sol.wall_s, args.out.display()),
+                Some(e) => println!(
+                    "final loss {loss:.6} +- {e:.6} ({:.1} s) -> {}",
+                    sol.wall_s,
+                    args.out.display()
+                ),
+                None => println!(
+                    "final loss {loss:.6} ({:.1} s) -> {}",
+                    sol.wall_s,
+                    args.out.display()
+                ),
             }
             Ok(())
         }

@@ -23,7 +23,13 @@ pub struct LrScale {
 
 impl Default for LrScale {
     fn default() -> Self {
-        LrScale { embedding: 1.0, readout: 1.0, router: 1.0, expert_up: 1.0, expert_down: 1.0 }
+        LrScale {
+            embedding: 1.0,
+            readout: 1.0,
+            router: 1.0,
+            expert_up: 1.0,
+            expert_down: 1.0,
+        }
     }
 }
 
@@ -53,7 +59,11 @@ pub struct Resolution {
 
 impl Default for Resolution {
     fn default() -> Self {
-        Resolution { expert_samples: 1024, neuron_samples: 128, repeats: 2 }
+        Resolution {
+            expert_samples: 1024,
+            neuron_samples: 128,
+            repeats: 2,
+        }
     }
 }
 
@@ -108,13 +118,33 @@ impl Default for SolveConfig {
 
 /// Keys that name a finite size; the limit has none, so they are rejected with a dedicated message.
 const SIZE_KEYS: [&str; 13] = [
-    "width", "experts", "active", "expert_hidden", "sizes", "n_embd", "n_exp", "n_hid", "N", "M", "n", "k",
+    "width",
+    "experts",
+    "active",
+    "expert_hidden",
+    "sizes",
+    "n_embd",
+    "n_exp",
+    "n_hid",
+    "N",
+    "M",
+    "n",
+    "k",
     "base",
 ];
 
 impl SolveConfig {
-    pub fn with_resolution(mut self, expert_samples: usize, neuron_samples: usize, repeats: usize) -> Self {
-        self.resolution = Resolution { expert_samples, neuron_samples, repeats };
+    pub fn with_resolution(
+        mut self,
+        expert_samples: usize,
+        neuron_samples: usize,
+        repeats: usize,
+    ) -> Self {
+        self.resolution = Resolution {
+            expert_samples,
+            neuron_samples,
+            repeats,
+        };
         self
     }
 
@@ -131,9 +161,10 @@ impl SolveConfig {
     /// Parses a TOML config. A finite size (`width`, `experts`, `expert_hidden`, ...) anywhere at the
     /// top level or in a `[model]`/`[sizes]` table is an [`Error::Invalid`] naming it.
     pub fn from_toml_str(text: &str) -> crate::Result<SolveConfig> {
-        let value: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| Error::Parse { path: "<solve config>".into(), reason: e.to_string() })?;
+        let value: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Parse {
+            path: "<solve config>".into(),
+            reason: e.to_string(),
+        })?;
         let mut tables: Vec<(&str, &toml::Table)> = vec![("", &value)];
         for name in ["model", "resolution"] {
             if let Some(toml::Value::Table(t)) = value.get(name) {
@@ -143,7 +174,11 @@ impl SolveConfig {
         for (prefix, table) in tables {
             for key in table.keys() {
                 if SIZE_KEYS.contains(&key.as_str()) {
-                    let field = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    let field = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
                     return Err(Error::invalid(
                         field,
                         "the DMFT solves the limit N, M, n -> infinity at fixed kappa, so width, expert count \
@@ -155,7 +190,10 @@ impl SolveConfig {
         }
         let cfg: SolveConfig = value
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Parse { path: "<solve config>".into(), reason: e.to_string() })?;
+            .map_err(|e: toml::de::Error| Error::Parse {
+                path: "<solve config>".into(),
+                reason: e.to_string(),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -189,10 +227,16 @@ impl SolveConfig {
         }
         let r = &self.resolution;
         if r.expert_samples == 0 {
-            return Err(Error::invalid("resolution.expert_samples", "must be at least 1"));
+            return Err(Error::invalid(
+                "resolution.expert_samples",
+                "must be at least 1",
+            ));
         }
         if r.neuron_samples == 0 {
-            return Err(Error::invalid("resolution.neuron_samples", "must be at least 1"));
+            return Err(Error::invalid(
+                "resolution.neuron_samples",
+                "must be at least 1",
+            ));
         }
         if r.repeats == 0 {
             return Err(Error::invalid("resolution.repeats", "must be at least 1"));
@@ -214,11 +258,17 @@ impl SolveConfig {
         }
         if let Some(c) = rt.capacity_factor {
             if !(c.is_finite() && c > 0.0) {
-                return Err(Error::invalid("routing.capacity_factor", "must be finite and positive"));
+                return Err(Error::invalid(
+                    "routing.capacity_factor",
+                    "must be finite and positive",
+                ));
             }
         }
         if !(rt.bias_update_rate.is_finite() && rt.bias_update_rate >= 0.0) {
-            return Err(Error::invalid("routing.bias_update_rate", "must be finite and non-negative"));
+            return Err(Error::invalid(
+                "routing.bias_update_rate",
+                "must be finite and non-negative",
+            ));
         }
         if rt.balance_loss != 0.0 {
             return Err(Error::invalid(
@@ -228,7 +278,10 @@ impl SolveConfig {
             ));
         }
         if rt.z_loss != 0.0 {
-            return Err(Error::invalid("routing.z_loss", "the DMFT solver does not model the router z-loss; use 0"));
+            return Err(Error::invalid(
+                "routing.z_loss",
+                "the DMFT solver does not model the router z-loss; use 0",
+            ));
         }
         if rt.shared_experts != 0 {
             return Err(Error::invalid(

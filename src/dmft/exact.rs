@@ -30,10 +30,16 @@ pub struct ExactSolution {
 pub fn solve_linear_frozen_router(cfg: &SolveConfig, task: &Task) -> crate::Result<ExactSolution> {
     cfg.validate()?;
     if cfg.activation != Activation::Linear {
-        return Err(Error::invalid("activation", "the exact integrator needs `linear` experts"));
+        return Err(Error::invalid(
+            "activation",
+            "the exact integrator needs `linear` experts",
+        ));
     }
     if cfg.lr_scale.router != 0.0 {
-        return Err(Error::invalid("lr_scale.router", "the exact integrator needs a frozen router (0)"));
+        return Err(Error::invalid(
+            "lr_scale.router",
+            "the exact integrator needs a frozen router (0)",
+        ));
     }
     if cfg.tie_jitter != TieJitter::Fixed || cfg.routing.tie_break != TieBreak::Random {
         return Err(Error::invalid(
@@ -42,11 +48,17 @@ pub fn solve_linear_frozen_router(cfg: &SolveConfig, task: &Task) -> crate::Resu
         ));
     }
     if cfg.routing.capacity_factor.is_some() || cfg.routing.bias_update_rate != 0.0 {
-        return Err(Error::invalid("routing", "the exact integrator supports neither capacity nor balancing bias"));
+        return Err(Error::invalid(
+            "routing",
+            "the exact integrator supports neither capacity nor balancing bias",
+        ));
     }
     let (p, _) = task.x.dim();
     if p > MAX_POINTS {
-        return Err(Error::invalid("task.points", format!("the exact integrator enumerates 2^P patterns: P <= {MAX_POINTS}")));
+        return Err(Error::invalid(
+            "task.points",
+            format!("the exact integrator enumerates 2^P patterns: P <= {MAX_POINTS}"),
+        ));
     }
     let xc = super::solver::input_factor(task.x.view());
     let kx = xc.dot(&xc.t());
@@ -60,21 +72,33 @@ pub fn solve_linear_frozen_router(cfg: &SolveConfig, task: &Task) -> crate::Resu
         .map(|bits| {
             let a: Vec<f64> = (0..p).map(|mu| ((bits >> mu) & 1) as f64).collect();
             let on = a.iter().sum::<f64>();
-            (cfg.kappa.powf(on) * (1.0 - cfg.kappa).powf(p as f64 - on), a)
+            (
+                cfg.kappa.powf(on) * (1.0 - cfg.kappa).powf(p as f64 - on),
+                a,
+            )
         })
         .filter(|(w, _)| *w > 0.0)
         .collect();
     let eye = Array2::<f64>::eye(k);
     // Per block, per pattern: (A, C) with up = A chi, down = C chi.
-    let mut mats: Vec<Vec<(Array2<f64>, Array2<f64>)>> =
-        (0..l_n).map(|_| patterns.iter().map(|_| (Array2::zeros((k, k)), Array2::zeros((k, k)))).collect()).collect();
+    let mut mats: Vec<Vec<(Array2<f64>, Array2<f64>)>> = (0..l_n)
+        .map(|_| {
+            patterns
+                .iter()
+                .map(|_| (Array2::zeros((k, k)), Array2::zeros((k, k))))
+                .collect()
+        })
+        .collect();
     let mut omega = Array2::zeros((o, k));
     for i in 0..o {
         omega[[i, i]] = 1.0;
     }
     let mut h0 = Array2::zeros((p, k));
     h0.slice_mut(s![.., o..]).assign(&xc);
-    let mut out = ExactSolution { loss: Vec::with_capacity(t_n + 1), predictions: Array3::zeros((t_n + 1, p, o)) };
+    let mut out = ExactSolution {
+        loss: Vec::with_capacity(t_n + 1),
+        predictions: Array3::zeros((t_n + 1, p, o)),
+    };
     let diag = |a: &[f64], m: &Array2<f64>| -> Array2<f64> {
         let mut r = m.clone();
         for (mu, mut row) in r.rows_mut().into_iter().enumerate() {
@@ -98,7 +122,8 @@ pub fn solve_linear_frozen_router(cfg: &SolveConfig, task: &Task) -> crate::Resu
         let hl = hs[l_n].clone();
         let f = hl.dot(&omega.t()) / cfg.gamma0;
         let err = &f - &task.y;
-        out.loss.push(0.5 * err.iter().map(|v| v * v).sum::<f64>() / p as f64);
+        out.loss
+            .push(0.5 * err.iter().map(|v| v * v).sum::<f64>() / p as f64);
         out.predictions.slice_mut(s![t, .., ..]).assign(&f);
         if t == t_n {
             break;

@@ -35,6 +35,10 @@ pub struct Solution {
     pub kernels: Array4<f64>,
     /// (T+1, L, P, P): mean MoE-output kernels.
     pub moe_kernels: Array4<f64>,
+    /// (T+1, L+1, P, K): mean residual-stream coordinates (two-time kernels: `H(t) H(s)^T`).
+    pub coordinates: Array4<f64>,
+    /// (T, L+1, P, K): mean backward coordinates (gradient kernels: `Delta(t) Delta(s)^T`).
+    pub backward_coordinates: Array4<f64>,
     /// (T+1, L, P): mean thresholds q_mu(t).
     pub thresholds: Array3<f64>,
     pub thresholds_err: Option<Array3<f64>>,
@@ -59,7 +63,10 @@ impl Solution {
 /// Mean and standard error over the first axis of stacked repeats.
 fn mean_err<D: ndarray::Dimension + ndarray::RemoveAxis>(
     stack: &ndarray::Array<f64, D>,
-) -> (ndarray::Array<f64, D::Smaller>, Option<ndarray::Array<f64, D::Smaller>>) {
+) -> (
+    ndarray::Array<f64, D::Smaller>,
+    Option<ndarray::Array<f64, D::Smaller>>,
+) {
     let r = stack.len_of(Axis(0));
     let mean = stack.mean_axis(Axis(0)).expect("at least one repeat");
     if r < 2 {
@@ -69,7 +76,9 @@ fn mean_err<D: ndarray::Dimension + ndarray::RemoveAxis>(
     (mean, Some(sd / (r as f64).sqrt()))
 }
 
-fn stack<D: ndarray::Dimension>(items: Vec<ndarray::ArrayView<f64, D>>) -> ndarray::Array<f64, D::Larger> {
+fn stack<D: ndarray::Dimension>(
+    items: Vec<ndarray::ArrayView<f64, D>>,
+) -> ndarray::Array<f64, D::Larger> {
     ndarray::stack(Axis(0), &items).expect("repeats have equal shapes")
 }
 
@@ -84,7 +93,9 @@ pub fn solve(
     cfg.validate()?;
     let start = std::time::Instant::now();
     let mut run = || -> crate::Result<Vec<Trace>> {
-        (0..cfg.resolution.repeats).map(|r| solver::solve_repeat(cfg, task, r, &mut observer)).collect()
+        (0..cfg.resolution.repeats)
+            .map(|r| solver::solve_repeat(cfg, task, r, &mut observer))
+            .collect()
     };
     let traces = match cfg.threads {
         Some(n) => {
@@ -96,13 +107,34 @@ pub fn solve(
         }
         None => run()?,
     };
-    let loss_stack = stack(traces.iter().map(|t| ndarray::ArrayView1::from(&t.loss[..])).collect());
+    let loss_stack = stack(
+        traces
+            .iter()
+            .map(|t| ndarray::ArrayView1::from(&t.loss[..]))
+            .collect(),
+    );
     let (loss, loss_err) = mean_err(&loss_stack);
-    let (predictions, predictions_err) = mean_err(&stack(traces.iter().map(|t| t.predictions.view()).collect()));
+    let (predictions, predictions_err) = mean_err(&stack(
+        traces.iter().map(|t| t.predictions.view()).collect(),
+    ));
     let (kernels, _) = mean_err(&stack(traces.iter().map(|t| t.kernels.view()).collect()));
-    let (moe_kernels, _) = mean_err(&stack(traces.iter().map(|t| t.moe_kernels.view()).collect()));
-    let (thresholds, thresholds_err) = mean_err(&stack(traces.iter().map(|t| t.thresholds.view()).collect()));
-    let (load_quantiles, _) = mean_err(&stack(traces.iter().map(|t| t.load_quantiles.view()).collect()));
+    let (moe_kernels, _) = mean_err(&stack(
+        traces.iter().map(|t| t.moe_kernels.view()).collect(),
+    ));
+    let (coordinates, _) = mean_err(&stack(
+        traces.iter().map(|t| t.coordinates.view()).collect(),
+    ));
+    let (backward_coordinates, _) = mean_err(&stack(
+        traces
+            .iter()
+            .map(|t| t.backward_coordinates.view())
+            .collect(),
+    ));
+    let (thresholds, thresholds_err) =
+        mean_err(&stack(traces.iter().map(|t| t.thresholds.view()).collect()));
+    let (load_quantiles, _) = mean_err(&stack(
+        traces.iter().map(|t| t.load_quantiles.view()).collect(),
+    ));
     let (load_cv, _) = mean_err(&stack(traces.iter().map(|t| t.load_cv.view()).collect()));
     let (dropped, _) = mean_err(&stack(traces.iter().map(|t| t.dropped.view()).collect()));
     Ok(Solution {
@@ -113,6 +145,8 @@ pub fn solve(
         predictions_err,
         kernels,
         moe_kernels,
+        coordinates,
+        backward_coordinates,
         thresholds,
         thresholds_err,
         load_quantiles,

@@ -17,7 +17,10 @@ pub const LOSS_CONVENTION: &str =
     "0.5 * mean over samples of (f - y)^2 (summed over outputs); the SGD step uses the gradient of that mean";
 
 fn write_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Write { path: path.to_path_buf(), source }
+    move |source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write_npy<A: WriteNpyExt>(dir: &Path, name: &str, array: &A) -> crate::Result<()> {
@@ -25,7 +28,10 @@ fn write_npy<A: WriteNpyExt>(dir: &Path, name: &str, array: &A) -> crate::Result
     let file = std::fs::File::create(&path).map_err(write_err(&path))?;
     array
         .write_npy(std::io::BufWriter::new(file))
-        .map_err(|e| Error::Write { path: path.clone(), source: std::io::Error::other(e.to_string()) })
+        .map_err(|e| Error::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
 }
 
 fn write_text(dir: &Path, name: &str, text: &str) -> crate::Result<()> {
@@ -37,11 +43,22 @@ fn write_text(dir: &Path, name: &str, text: &str) -> crate::Result<()> {
 pub fn metrics_line(sol: &Solution, t: usize) -> serde_json::Value {
     let (_, p, o) = sol.predictions.dim();
     let depth = sol.thresholds.dim().1;
-    let pred: Vec<f64> = sol.predictions.slice(s![t, .., ..]).iter().copied().collect();
-    let q: Vec<Vec<f64>> = (0..depth).map(|l| sol.thresholds.slice(s![t, l, ..]).to_vec()).collect();
-    let q_err: Option<Vec<Vec<f64>>> =
-        sol.thresholds_err.as_ref().map(|e| (0..depth).map(|l| e.slice(s![t, l, ..]).to_vec()).collect());
-    let quantiles: Vec<Vec<f64>> = (0..depth).map(|l| sol.load_quantiles.slice(s![t, l, ..]).to_vec()).collect();
+    let pred: Vec<f64> = sol
+        .predictions
+        .slice(s![t, .., ..])
+        .iter()
+        .copied()
+        .collect();
+    let q: Vec<Vec<f64>> = (0..depth)
+        .map(|l| sol.thresholds.slice(s![t, l, ..]).to_vec())
+        .collect();
+    let q_err: Option<Vec<Vec<f64>>> = sol
+        .thresholds_err
+        .as_ref()
+        .map(|e| (0..depth).map(|l| e.slice(s![t, l, ..]).to_vec()).collect());
+    let quantiles: Vec<Vec<f64>> = (0..depth)
+        .map(|l| sol.load_quantiles.slice(s![t, l, ..]).to_vec())
+        .collect();
     json!({
         "step": t,
         "loss": sol.loss[t],
@@ -80,6 +97,8 @@ pub fn summary(cfg: &SolveConfig, sol: &Solution) -> serde_json::Value {
             "loss_repeats.npy": "(repeats, T+1) loss of every repeat",
             "kernels.npy": "(T+1, L+1, P, P) residual-stream kernels <h^l_mu, h^l_nu>/N, l = 0 is the input layer",
             "moe_kernels.npy": "(T+1, L, P, P) MoE-output kernels <m^l_mu, m^l_nu>/N",
+            "coordinates.npy": "(T+1, L+1, P, K) residual-stream coordinates H^l_mu(t) in the orthonormal frame of docs/theory.md §2; two-time kernels Phi^l(t, s) = H^l(t) H^l(s)^T",
+            "backward_coordinates.npy": "(T, L+1, P, K) backward coordinates Delta^l_mu(t) = N dL/dh^l_mu in the frame; gradient kernels are their inner products",
             "thresholds.npy": "(T+1, L, P) routing thresholds q^l_mu(t)",
             "load_quantiles.npy": "(T+1, L, 7) quantiles over experts of load_e/kappa (load_e: fraction of samples routed to e) at levels 0, .1, .25, .5, .75, .9, 1",
         },
@@ -87,9 +106,15 @@ pub fn summary(cfg: &SolveConfig, sol: &Solution) -> serde_json::Value {
 }
 
 /// Writes every output of a solve into `dir` (created if missing).
-pub fn write_outputs(dir: &Path, cfg: &SolveConfig, task: &Task, sol: &Solution) -> crate::Result<()> {
+pub fn write_outputs(
+    dir: &Path,
+    cfg: &SolveConfig,
+    task: &Task,
+    sol: &Solution,
+) -> crate::Result<()> {
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    let resolved = toml::to_string(cfg).map_err(|e| Error::Internal(format!("cannot serialize the config: {e}")))?;
+    let resolved = toml::to_string(cfg)
+        .map_err(|e| Error::Internal(format!("cannot serialize the config: {e}")))?;
     write_text(dir, "config.toml", &resolved)?;
     let mut lines = String::new();
     for t in 0..sol.loss.len() {
@@ -97,15 +122,29 @@ pub fn write_outputs(dir: &Path, cfg: &SolveConfig, task: &Task, sol: &Solution)
         lines.push('\n');
     }
     write_text(dir, "metrics.jsonl", &lines)?;
-    let text = serde_json::to_string_pretty(&summary(cfg, sol)).map_err(|e| Error::Internal(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&summary(cfg, sol))
+        .map_err(|e| Error::Internal(e.to_string()))?;
     write_text(dir, "summary.json", &text)?;
     write_npy(dir, "task_x.npy", &task.x)?;
     write_npy(dir, "task_y.npy", &task.y)?;
     let (t1, p, o) = sol.predictions.dim();
     if o == 1 {
-        write_npy(dir, "predictions.npy", &sol.predictions.clone().into_shape_with_order((t1, p)).expect("contiguous"))?;
+        write_npy(
+            dir,
+            "predictions.npy",
+            &sol.predictions
+                .clone()
+                .into_shape_with_order((t1, p))
+                .expect("contiguous"),
+        )?;
         if let Some(e) = &sol.predictions_err {
-            write_npy(dir, "predictions_err.npy", &e.clone().into_shape_with_order((t1, p)).expect("contiguous"))?;
+            write_npy(
+                dir,
+                "predictions_err.npy",
+                &e.clone()
+                    .into_shape_with_order((t1, p))
+                    .expect("contiguous"),
+            )?;
         }
     } else {
         write_npy(dir, "predictions.npy", &sol.predictions)?;
@@ -118,12 +157,19 @@ pub fn write_outputs(dir: &Path, cfg: &SolveConfig, task: &Task, sol: &Solution)
     write_npy(dir, "kernels.npy", &sol.kernels)?;
     write_npy(dir, "moe_kernels.npy", &sol.moe_kernels)?;
     write_npy(dir, "thresholds.npy", &sol.thresholds)?;
+    write_npy(dir, "coordinates.npy", &sol.coordinates)?;
+    write_npy(dir, "backward_coordinates.npy", &sol.backward_coordinates)?;
     write_npy(dir, "load_quantiles.npy", &sol.load_quantiles)?;
     Ok(())
 }
 
 /// Records a diverged run: `summary.json` with status `diverged` and the step.
-pub fn write_diverged(dir: &Path, cfg: &SolveConfig, step: usize, reason: &str) -> crate::Result<()> {
+pub fn write_diverged(
+    dir: &Path,
+    cfg: &SolveConfig,
+    step: usize,
+    reason: &str,
+) -> crate::Result<()> {
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     let text = serde_json::to_string_pretty(&json!({
         "kind": "dmft",

@@ -39,6 +39,12 @@ pub struct Trace {
     pub kernels: Array4<f64>,
     /// (T+1, L, P, P): MoE-output kernels <m^l_mu, m^l_nu>/N.
     pub moe_kernels: Array4<f64>,
+    /// (T+1, L+1, P, K): residual-stream coordinates H^l_mu(t) in the orthonormal frame, so that
+    /// two-time kernels are `Phi^l(t, s) = H^l(t) H^l(s)^T`.
+    pub coordinates: Array4<f64>,
+    /// (T, L+1, P, K): backward coordinates Delta^l_mu(t) (`N dL/dh^l_mu` in the frame; l = 0 is the
+    /// input layer), whose inner products are the gradient kernels.
+    pub backward_coordinates: Array4<f64>,
     /// (T+1, L, P): routing thresholds q^l_mu(t).
     pub thresholds: Array3<f64>,
     /// (T+1, L, 7): quantiles (levels [`LOAD_QUANTILES`]) over experts of the relative load
@@ -124,7 +130,9 @@ pub(crate) fn input_factor(x: ArrayView2<f64>) -> Array2<f64> {
     let gram = scaled.dot(&scaled.t());
     let m = nalgebra::DMatrix::from_fn(p, p, |i, j| gram[[i, j]]);
     let eig = m.symmetric_eigen();
-    Array2::from_shape_fn((p, p), |(i, j)| eig.eigenvectors[(i, j)] * eig.eigenvalues[j].max(0.0).sqrt())
+    Array2::from_shape_fn((p, p), |(i, j)| {
+        eig.eigenvectors[(i, j)] * eig.eigenvalues[j].max(0.0).sqrt()
+    })
 }
 
 fn stream_id(repeat: usize, block: usize, site: usize) -> u64 {
@@ -136,10 +144,16 @@ impl<'a> Problem<'a> {
         cfg.validate()?;
         let (p, _d) = task.x.dim();
         if task.y.nrows() != p {
-            return Err(Error::invalid("task.y", format!("has {} rows, expected {p} (one per point)", task.y.nrows())));
+            return Err(Error::invalid(
+                "task.y",
+                format!("has {} rows, expected {p} (one per point)", task.y.nrows()),
+            ));
         }
         if p == 0 || task.y.ncols() == 0 {
-            return Err(Error::invalid("task", "needs at least one point and one output"));
+            return Err(Error::invalid(
+                "task",
+                "needs at least one point and one output",
+            ));
         }
         if !task.x.iter().chain(task.y.iter()).all(|v| v.is_finite()) {
             return Err(Error::invalid("task", "inputs and targets must be finite"));
@@ -149,18 +163,32 @@ impl<'a> Problem<'a> {
         let outputs = task.y.ncols();
         let dim = outputs + xc.ncols();
         let active_sites = (cfg.kappa * cfg.resolution.expert_samples as f64).round() as usize;
-        Ok(Problem { cfg, xc, kx, y: task.y.view(), outputs, dim, active_sites })
+        Ok(Problem {
+            cfg,
+            xc,
+            kx,
+            y: task.y.view(),
+            outputs,
+            dim,
+            active_sites,
+        })
     }
 
     fn new_sites(&self, repeat: usize, block: usize) -> Vec<Site> {
-        let (ns, k, p) = (self.cfg.resolution.neuron_samples, self.dim, self.xc.nrows());
+        let (ns, k, p) = (
+            self.cfg.resolution.neuron_samples,
+            self.dim,
+            self.xc.nrows(),
+        );
         (0..self.cfg.resolution.expert_samples)
             .into_par_iter()
             .map(|e| {
                 let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed);
                 rng.set_stream(stream_id(repeat, block, e));
-                let chi = Array2::from_shape_simple_fn((ns, k), || rng.sample::<f64, _>(StandardNormal));
-                let xi = Array2::from_shape_simple_fn((ns, k), || rng.sample::<f64, _>(StandardNormal));
+                let chi =
+                    Array2::from_shape_simple_fn((ns, k), || rng.sample::<f64, _>(StandardNormal));
+                let xi =
+                    Array2::from_shape_simple_fn((ns, k), || rng.sample::<f64, _>(StandardNormal));
                 let index_jitter: f64 = rng.gen();
                 let fixed_jitter = Array1::from_shape_simple_fn(p, || rng.gen::<f64>());
                 Site {
@@ -179,7 +207,11 @@ impl<'a> Problem<'a> {
     }
 
     /// Expert-level forward of every site: router logits (P) and MoE-output coordinates zeta_e (P x K).
-    fn forward_sites(&self, sites: &[Site], hin: &Array2<f64>) -> Vec<(Array1<f64>, Array2<f64>, Array1<f64>)> {
+    fn forward_sites(
+        &self,
+        sites: &[Site],
+        hin: &Array2<f64>,
+    ) -> Vec<(Array1<f64>, Array2<f64>, Array1<f64>)> {
         let act = self.cfg.activation;
         let ns = self.cfg.resolution.neuron_samples as f64;
         sites
@@ -195,7 +227,13 @@ impl<'a> Problem<'a> {
     }
 
     /// Top-k as a sampled quantile, ties broken by the jitter, capacity drops, gates.
-    fn route(&self, sites: &[Site], logits: &[Array1<f64>], fluct: &[Array1<f64>], jitter: &Array2<f64>) -> Routed {
+    fn route(
+        &self,
+        sites: &[Site],
+        logits: &[Array1<f64>],
+        fluct: &[Array1<f64>],
+        jitter: &Array2<f64>,
+    ) -> Routed {
         let cfg = self.cfg;
         let (e_n, p) = (sites.len(), self.xc.nrows());
         let ks = self.active_sites;
@@ -216,8 +254,16 @@ impl<'a> Problem<'a> {
                     score(b, mu)
                         .partial_cmp(&score(a, mu))
                         .unwrap_or(std::cmp::Ordering::Equal)
-                        .then(fluct[b][mu].partial_cmp(&fluct[a][mu]).unwrap_or(std::cmp::Ordering::Equal))
-                        .then(tie(b).partial_cmp(&tie(a)).unwrap_or(std::cmp::Ordering::Equal))
+                        .then(
+                            fluct[b][mu]
+                                .partial_cmp(&fluct[a][mu])
+                                .unwrap_or(std::cmp::Ordering::Equal),
+                        )
+                        .then(
+                            tie(b)
+                                .partial_cmp(&tie(a))
+                                .unwrap_or(std::cmp::Ordering::Equal),
+                        )
                         .then(a.cmp(&b))
                 });
                 order
@@ -256,9 +302,15 @@ impl<'a> Problem<'a> {
                 Gate::Softmax => (r - shift).exp(),
                 Gate::Sigmoid => 1.0 / (1.0 + (-r).exp()),
             };
-            let shift = (0..e_n).filter(|&e| active[[e, mu]]).map(|e| logits[e][mu]).fold(f64::NEG_INFINITY, f64::max);
+            let shift = (0..e_n)
+                .filter(|&e| active[[e, mu]])
+                .map(|e| logits[e][mu])
+                .fold(f64::NEG_INFINITY, f64::max);
             // Normalizer of the gates: an expectation over experts, estimated on the sampled sites.
-            let norm: f64 = (0..e_n).filter(|&e| active[[e, mu]]).map(|e| weight(logits[e][mu], shift)).sum::<f64>()
+            let norm: f64 = (0..e_n)
+                .filter(|&e| active[[e, mu]])
+                .map(|e| weight(logits[e][mu], shift))
+                .sum::<f64>()
                 / e_n as f64;
             for e in 0..e_n {
                 if active[[e, mu]] {
@@ -271,12 +323,28 @@ impl<'a> Problem<'a> {
                 }
             }
         }
-        Routed { gate, keep, slope, active, threshold }
+        Routed {
+            gate,
+            keep,
+            slope,
+            active,
+            threshold,
+        }
     }
 
-    fn run(&self, repeat: usize, observer: &mut Option<&mut (dyn FnMut(&Progress) + Send)>) -> crate::Result<Trace> {
+    fn run(
+        &self,
+        repeat: usize,
+        observer: &mut Option<&mut (dyn FnMut(&Progress) + Send)>,
+    ) -> crate::Result<Trace> {
         let cfg = self.cfg;
-        let (p, o, k, l_n, t_n) = (self.xc.nrows(), self.outputs, self.dim, cfg.depth, cfg.steps);
+        let (p, o, k, l_n, t_n) = (
+            self.xc.nrows(),
+            self.outputs,
+            self.dim,
+            cfg.depth,
+            cfg.steps,
+        );
         let e_n = cfg.resolution.expert_samples;
         let ns = cfg.resolution.neuron_samples as f64;
         let branch = 1.0 / l_n as f64;
@@ -305,6 +373,8 @@ impl<'a> Problem<'a> {
             predictions: Array3::zeros((t_n + 1, p, o)),
             kernels: Array4::zeros((t_n + 1, l_n + 1, p, p)),
             moe_kernels: Array4::zeros((t_n + 1, l_n, p, p)),
+            coordinates: Array4::zeros((t_n + 1, l_n + 1, p, k)),
+            backward_coordinates: Array4::zeros((t_n, l_n + 1, p, k)),
             thresholds: Array3::zeros((t_n + 1, l_n, p)),
             load_quantiles: Array3::zeros((t_n + 1, l_n, LOAD_QUANTILES.len())),
             load_cv: Array2::zeros((t_n + 1, l_n)),
@@ -347,13 +417,25 @@ impl<'a> Problem<'a> {
             tr.loss.push(loss);
             tr.predictions.slice_mut(s![t, .., ..]).assign(&f);
             for (l, h) in hs.iter().enumerate() {
-                tr.kernels.slice_mut(s![t, l, .., ..]).assign(&h.dot(&h.t()));
+                tr.kernels
+                    .slice_mut(s![t, l, .., ..])
+                    .assign(&h.dot(&h.t()));
+                tr.coordinates.slice_mut(s![t, l, .., ..]).assign(h);
             }
             if let Some(obs) = observer.as_mut() {
-                obs(&Progress { repeat, repeats: cfg.resolution.repeats, step: t, steps: t_n, loss });
+                obs(&Progress {
+                    repeat,
+                    repeats: cfg.resolution.repeats,
+                    step: t,
+                    steps: t_n,
+                    loss,
+                });
             }
             if !loss.is_finite() {
-                return Err(Error::Diverged { step: t, reason: format!("loss is {loss} (repeat {repeat})") });
+                return Err(Error::Diverged {
+                    step: t,
+                    reason: format!("loss is {loss} (repeat {repeat})"),
+                });
             }
             if t == t_n {
                 break;
@@ -362,6 +444,9 @@ impl<'a> Problem<'a> {
             // ---- backward: coordinates of dL/dh^l times N, from the readout down
             let gf = &err / p as f64;
             let mut delta = gf.dot(&omega) / cfg.gamma0;
+            tr.backward_coordinates
+                .slice_mut(s![t, l_n, .., ..])
+                .assign(&delta);
             for l in (0..l_n).rev() {
                 let (fwd, routed, moe) = &per_block[l];
                 let hin = &hs[l];
@@ -390,7 +475,9 @@ impl<'a> Problem<'a> {
                 // Balancing bias: each site compares its own kept load with the mean kept load (kappa
                 // without capacity drops), as routing::update_bias does.
                 if cfg.routing.bias_update_rate > 0.0 {
-                    let loads: Vec<f64> = (0..e_n).map(|e| routed.keep.row(e).sum() / p as f64).collect();
+                    let loads: Vec<f64> = (0..e_n)
+                        .map(|e| routed.keep.row(e).sum() / p as f64)
+                        .collect();
                     let target = loads.iter().sum::<f64>() / e_n as f64;
                     for (site, load) in blocks[l].iter_mut().zip(&loads) {
                         let d = target - load;
@@ -400,6 +487,9 @@ impl<'a> Problem<'a> {
                     }
                 }
                 delta = &delta + &(total * (branch / (cfg.kappa * e_n as f64)));
+                tr.backward_coordinates
+                    .slice_mut(s![t, l, .., ..])
+                    .assign(&delta);
             }
             // Input layer: h^0_nu += -lr sum_mu Kx_{mu nu} Gamma_mu; readout: omega += -eta0 gamma0 gf^T h^L.
             let dh0 = self.kx.dot(&delta) * (lr * sc.embedding);
@@ -434,7 +524,9 @@ impl<'a> Problem<'a> {
         let phi = u.mapv(|v| act.apply(v));
         // Backward field of each neuron: beta_{i mu} = nu_i . delta_mu, gated.
         let mut grad_u = site.down.dot(&delta.t());
-        ndarray::Zip::from(&mut grad_u).and(&u).for_each(|g, &uu| *g *= act.derivative(uu));
+        ndarray::Zip::from(&mut grad_u)
+            .and(&u)
+            .for_each(|g, &uu| *g *= act.derivative(uu));
         grad_u *= &geff.view().insert_axis(Axis(0));
         let mut contrib = grad_u.t().dot(&pre) / ns;
         // Router: d m / d r_e = g_e * slope * (keep z_e - m).
@@ -461,7 +553,8 @@ impl<'a> Problem<'a> {
             field *= &phi_gated;
             let g1 = field.sum_axis(Axis(0)) / ns.sqrt();
             let eps1 = &g1 * &slope;
-            site.router_fluct.scaled_add(-lr_router, &hin.t().dot(&eps1));
+            site.router_fluct
+                .scaled_add(-lr_router, &hin.t().dot(&eps1));
         }
         site.down.scaled_add(-lr_down, &d_down);
         site.up.scaled_add(-lr_up, &d_up);
@@ -472,10 +565,16 @@ impl<'a> Problem<'a> {
     fn record_block(&self, tr: &mut Trace, t: usize, l: usize, routed: &Routed, moe: &Array2<f64>) {
         let (e_n, p) = routed.active.dim();
         let kappa = self.cfg.kappa;
-        tr.thresholds.slice_mut(s![t, l, ..]).assign(&routed.threshold);
-        tr.moe_kernels.slice_mut(s![t, l, .., ..]).assign(&moe.dot(&moe.t()));
+        tr.thresholds
+            .slice_mut(s![t, l, ..])
+            .assign(&routed.threshold);
+        tr.moe_kernels
+            .slice_mut(s![t, l, .., ..])
+            .assign(&moe.dot(&moe.t()));
         // Loads count kept assignments, like routing::LoadStats.
-        let mut rel: Vec<f64> = (0..e_n).map(|e| routed.keep.row(e).sum() / p as f64 / kappa).collect();
+        let mut rel: Vec<f64> = (0..e_n)
+            .map(|e| routed.keep.row(e).sum() / p as f64 / kappa)
+            .collect();
         rel.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         for (i, &lev) in LOAD_QUANTILES.iter().enumerate() {
             tr.load_quantiles[[t, l, i]] = quantile_sorted(&rel, lev);
@@ -485,7 +584,11 @@ impl<'a> Problem<'a> {
         tr.load_cv[[t, l]] = if mean > 0.0 { var.sqrt() / mean } else { 0.0 };
         let assigned = routed.active.iter().filter(|&&a| a).count() as f64;
         let kept = routed.keep.sum();
-        tr.dropped[[t, l]] = if assigned > 0.0 { (assigned - kept) / assigned } else { 0.0 };
+        tr.dropped[[t, l]] = if assigned > 0.0 {
+            (assigned - kept) / assigned
+        } else {
+            0.0
+        };
     }
 }
 
