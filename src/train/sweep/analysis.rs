@@ -97,11 +97,11 @@ pub fn fit_optimum(curve: &[LrPoint], window: f64) -> Option<Optimum> {
     let (a, b, c) = (coef[0], coef[1], coef[2]);
     let lo = used.first().map(|p| p.0 - x_best).unwrap_or(0.0);
     let hi = used.last().map(|p| p.0 - x_best).unwrap_or(0.0);
-    if !(c > 0.0) {
+    if c.is_nan() || c <= 0.0 {
         return Some(argmin);
     }
     let t_star = -b / (2.0 * c);
-    if !(t_star >= lo && t_star <= hi) {
+    if !(lo..=hi).contains(&t_star) {
         return Some(argmin);
     }
     let dof = used.len() as f64 - 3.0;
