@@ -28,3 +28,17 @@ pub mod routing;
 pub mod train;
 
 pub use error::{Error, Result};
+
+extern "C" {
+    fn openblas_set_num_threads(n: std::os::raw::c_int);
+}
+
+/// Makes OpenBLAS single-threaded. Parallelism comes from rayon (over experts, tokens, seeds); a
+/// multi-threaded BLAS inside every rayon task oversubscribes the cores (measured: `moe_backward` 82 ms
+/// instead of 13.6 ms on 2 cores). The command line calls this at start-up; library users who run
+/// models from their own rayon pools should call it too.
+pub fn set_blas_single_threaded() {
+    // SAFETY: OpenBLAS (linked through blas-src/openblas-src) exports this setter; it only stores the
+    // thread count used by later calls.
+    unsafe { openblas_set_num_threads(1) }
+}

@@ -174,7 +174,7 @@ pub fn bench(args: &Args) -> crate::Result<Report> {
     for (_, c) in &configs {
         c.validate()?;
     }
-    set_blas_single_threaded();
+    crate::set_blas_single_threaded();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build()
@@ -242,17 +242,6 @@ fn time_models<F: Real>(args: &Args, configs: &[(String, TransformerConfig)]) ->
             }
         })
         .collect())
-}
-
-extern "C" {
-    fn openblas_set_num_threads(n: std::os::raw::c_int);
-}
-
-/// Parallelism comes from rayon; a multi-threaded BLAS inside every rayon task would oversubscribe.
-fn set_blas_single_threaded() {
-    // SAFETY: OpenBLAS (linked through blas-src/openblas-src) exports this setter; it only stores the
-    // thread count used by later calls.
-    unsafe { openblas_set_num_threads(1) }
 }
 
 pub fn run(args: Args) -> crate::Result<()> {

@@ -56,6 +56,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    crate::set_blas_single_threaded();
     // A panic is a bug; still, the user gets a message and a non-zero code instead of a backtrace.
     let result = std::panic::catch_unwind(|| run(cli.command));
     match result {
