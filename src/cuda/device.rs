@@ -277,10 +277,12 @@ pub const NULL: u64 = 0;
 macro_rules! cuda_launch {
     ($gpu:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         use cudarc::driver::PushKernelArg;
-        let f = $gpu.function($name)?;
+        let name: &str = $name;
+        let cfg: cudarc::driver::LaunchConfig = $cfg;
+        let f = $gpu.function(name)?;
         let mut b = $gpu.stream.launch_builder(f);
         $( b.arg($arg); )+
         // SAFETY: argument lists match the kernel signatures in kernels.cu; sizes are checked by callers.
-        $crate::cuda::device::cu(unsafe { b.launch($cfg) }, $name).map(|_| ())
+        $crate::cuda::device::cu(unsafe { b.launch(cfg) }, name).map(|_| ())
     }};
 }

@@ -90,11 +90,14 @@ struct Forward {
     diagnostics: Vec<(String, f64)>,
 }
 
+/// Adam's first and second moments on the device, aligned with the parameters.
+type Moments = (Vec<CudaSlice<f32>>, Vec<CudaSlice<f32>>);
+
 /// Device copies of parameters, gradients and (for [`GpuResNet::device_step`]) optimizer moments.
 struct DeviceState {
     params: Vec<CudaSlice<f32>>,
     grads: Vec<CudaSlice<f32>>,
-    moments: Option<(Vec<CudaSlice<f32>>, Vec<CudaSlice<f32>>)>,
+    moments: Option<Moments>,
     adam_steps: u64,
 }
 
