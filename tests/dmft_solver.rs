@@ -96,7 +96,12 @@ fn dmft_learns_and_routes_kappa() {
             let h = tr.coordinates.slice(ndarray::s![t, l, .., ..]);
             let k = tr.kernels.slice(ndarray::s![t, l, .., ..]);
             for ((i, j), &kij) in k.indexed_iter() {
-                let hh: f64 = h.row(i).iter().zip(h.row(j).iter()).map(|(a, b)| a * b).sum();
+                let hh: f64 = h
+                    .row(i)
+                    .iter()
+                    .zip(h.row(j).iter())
+                    .map(|(a, b)| a * b)
+                    .sum();
                 assert!((hh - kij).abs() < 1e-12);
             }
         }
@@ -225,6 +230,15 @@ fn dmft_routing_variants() {
     // Binomial(8, 1/4): P(load > 2) ~ 0.32, dropped share of assignments ~ 0.16 at t = 0.
     assert!(d0 > 0.05 && d0 < 0.35, "dropped fraction at t = 0: {d0}");
     assert!(sol.final_loss().0.is_finite());
+    // A capacity that can hold every sample (ceil(4 kappa P) = P) never drops: plain top-k.
+    let roomy = SolveConfig {
+        routing: RoutingConfig {
+            capacity_factor: Some(4.0),
+            ..RoutingConfig::default()
+        },
+        ..base.clone()
+    };
+    assert_eq!(dmft::solve(&roomy, &task, None).unwrap().loss, plain.loss);
     // Sigmoid gates learn too.
     let sig = SolveConfig {
         routing: RoutingConfig {
