@@ -19,8 +19,8 @@ pub use solver::{Progress, Trace, LOAD_QUANTILES};
 
 use crate::data::Task;
 
-/// The solution: per repeat trajectories and their mean with Monte Carlo error bars (standard error
-/// over repeats; `None`/NaN-free zeros are never invented: with one repeat the errors are `None`).
+/// The solution: per-repeat trajectories, and their means with Monte Carlo error bars (standard
+/// errors over repeats; `None` with a single repeat).
 #[derive(Debug, Clone)]
 pub struct Solution {
     pub repeats: Vec<Trace>,
