@@ -2,7 +2,7 @@
 //! MoE-ResNet at init, under the standard-form Adam MoE-CompleteP table, along each axis. Fitted log-log
 //! slopes must match the engine's `adam_eps` exponents within 0.15 for the groups whose gradient at init
 //! already has its feature-learning scaling (the router is excluded: at init, with a zero router, its
-//! gradient is the smaller init-random part; see docs/parameterization.md).
+//! gradient is the smaller init-random part; see docs/theory.md §Parameterization).
 
 use moe_dmft::model::resnet::{MoeResNet, ResNetConfig};
 use moe_dmft::model::{Activation, Batch, Model};

@@ -2,7 +2,7 @@
 //! the engine's exponents per axis (the preset's axes from the rules, the others from SP), user
 //! overrides, and the values at the target sizes.
 //!
-//! Conventions for values (see `docs/parameterization.md`):
+//! Conventions for values (see `docs/theory.md` §Parameterization):
 //! - init std and multiplier are *absolute*: at the base sizes they are the base constant (`sigma`,
 //!   `sigma_router`, `alpha_in`, `alpha_out`) times the sizes to their exponents (e.g. a hidden layer's
 //!   std is `sigma / sqrt(N0)` at base, the readout multiplier `alpha_out / N0`), so the base network is a

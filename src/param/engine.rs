@@ -1,6 +1,6 @@
 //! The derivation: from a group's descriptor (fan-in and fan-out dimension, role, residual branch,
 //! expert averaging, what reads its output) to the exponents of init variance, multiplier, learning
-//! rate, Adam epsilon and weight decay. The reasoning is written out in `docs/parameterization.md`.
+//! rate, Adam epsilon and weight decay. The reasoning is written out in `docs/theory.md` §Parameterization.
 //!
 //! Everything here works with *primitive* exponents: powers of the absolute sizes `N` (width), `n`
 //! (expert hidden), `k` (active experts; `M` moves with it at fixed kappa) and `L` (depth). The four
