@@ -10,12 +10,8 @@ use moe_dmft::train::sweep::{PointRunner, SweepConfig, TrainRunner};
 #[test]
 fn every_axis_and_preset_has_a_valid_sweep_config() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
-    let expected: [(Axis, [usize; 2]); 4] = [
-        (Axis::Width, [64, 512]),
-        (Axis::Depth, [2, 16]),
-        (Axis::Experts, [8, 64]),
-        (Axis::ExpertHidden, [32, 256]),
-    ];
+    let expected: [(Axis, [usize; 2]); 4] =
+        [(Axis::Width, [64, 512]), (Axis::Depth, [2, 16]), (Axis::Experts, [8, 64]), (Axis::ExpertHidden, [32, 256])];
     for (axis, [lo, hi]) in expected {
         let mut budgets = Vec::new();
         for preset in ["moe-completep", "sp", "mup"] {

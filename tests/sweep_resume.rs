@@ -113,8 +113,11 @@ fn killed_sweep_resumes_with_exactly_one_result_per_point() {
         assert_eq!(after.get(id), Some(bytes), "finished point {id} was repeated or changed");
         assert_eq!(record(bytes)["pid"].as_u64(), Some(first_pid));
     }
-    let rerun: Vec<&String> =
-        after.iter().filter(|(id, b)| !before.contains_key(*id) && record(b)["pid"].as_u64() != Some(first_pid)).map(|(id, _)| id).collect();
+    let rerun: Vec<&String> = after
+        .iter()
+        .filter(|(id, b)| !before.contains_key(*id) && record(b)["pid"].as_u64() != Some(first_pid))
+        .map(|(id, _)| id)
+        .collect();
     assert_eq!(rerun.len(), 16 - before.len());
     // The point in flight at the kill left a partial folder; the rerun cleaned it up.
     let partial = std::fs::read_dir(out.join("runs/.partial")).unwrap().count();

@@ -122,14 +122,8 @@ impl GridPoint {
     /// Stable, readable identifier: the folder name of the point's results. It depends only on the point's
     /// values, not on its index, so growing the grid keeps finished points finished.
     pub fn id(&self) -> String {
-        let mut id = format!(
-            "{}-{}{:05}-lr{:+08.3}-s{}",
-            self.preset,
-            self.axis.name(),
-            self.size,
-            self.lr_log2,
-            self.seed
-        );
+        let mut id =
+            format!("{}-{}{:05}-lr{:+08.3}-s{}", self.preset, self.axis.name(), self.size, self.lr_log2, self.seed);
         if let Some(s) = self.init_scale {
             id.push_str(&format!("-init{s:.4}"));
         }
@@ -328,7 +322,11 @@ impl SweepConfig {
                 if (p.size * h0) % n0 != 0 {
                     return Err(Error::invalid(
                         "grid.sizes",
-                        format!("width {} keeps expert_hidden/width = {h0}/{n0} only if {} is integer", p.size, p.size as f64 * h0 as f64 / n0 as f64),
+                        format!(
+                            "width {} keeps expert_hidden/width = {h0}/{n0} only if {} is integer",
+                            p.size,
+                            p.size as f64 * h0 as f64 / n0 as f64
+                        ),
                     ));
                 }
                 set(&mut t, keys::WIDTH, to_toml_int(p.size))?;
@@ -340,7 +338,11 @@ impl SweepConfig {
                 if (p.size * k0) % m0 != 0 {
                     return Err(Error::invalid(
                         "grid.sizes",
-                        format!("experts {} at kappa = {k0}/{m0} gives a non-integer active count {}", p.size, p.size as f64 * k0 as f64 / m0 as f64),
+                        format!(
+                            "experts {} at kappa = {k0}/{m0} gives a non-integer active count {}",
+                            p.size,
+                            p.size as f64 * k0 as f64 / m0 as f64
+                        ),
                     ));
                 }
                 set(&mut t, keys::EXPERTS, to_toml_int(p.size))?;
@@ -372,7 +374,10 @@ impl Shard {
             return Err(Error::invalid("shard", "the shard count n in i/n must be at least 1"));
         }
         if index >= count {
-            return Err(Error::invalid("shard", format!("index {index} must be below the count {count} (0-based i/n)")));
+            return Err(Error::invalid(
+                "shard",
+                format!("index {index} must be below the count {count} (0-based i/n)"),
+            ));
         }
         Ok(Shard { index, count })
     }
@@ -609,11 +614,7 @@ pub fn run_sweep(
     check_manifest(cfg, out)?;
 
     let mine: Vec<&GridPoint> = points.iter().filter(|p| shard.takes(p)).collect();
-    let bar = if progress {
-        indicatif::ProgressBar::new(mine.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = if progress { indicatif::ProgressBar::new(mine.len() as u64) } else { indicatif::ProgressBar::hidden() };
     if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta}] {msg}") {
         bar.set_style(style);
     }
@@ -665,7 +666,8 @@ pub fn run_sweep(
                 continue;
             }
         };
-        let record = RunRecord { id: id.clone(), point: p.clone(), outcome, wall_s: t0.elapsed().as_secs_f64(), shard, pid };
+        let record =
+            RunRecord { id: id.clone(), point: p.clone(), outcome, wall_s: t0.elapsed().as_secs_f64(), shard, pid };
         let json = serde_json::to_vec_pretty(&record)
             .map_err(|e| Error::Internal(format!("cannot serialise the record of {id}: {e}")))?;
         let rec_tmp = tmp.join("result.json");
@@ -703,7 +705,10 @@ pub fn run_sweep(
     // The records are the product; a summary that cannot be written (e.g. no fonts for the figures on a
     // compute node) must not turn a finished shard into a failed one. It can be rebuilt later.
     if let Err(e) = summarize(cfg, out).and_then(|summary| write_summary(&summary, out)) {
-        eprintln!("warning: the summary of {} was not fully written ({e}); rebuild it with --summary-only", out.display());
+        eprintln!(
+            "warning: the summary of {} was not fully written ({e}); rebuild it with --summary-only",
+            out.display()
+        );
     }
     report.wall_s = start.elapsed().as_secs_f64();
     Ok(report)
@@ -856,8 +861,8 @@ fn lr_point(lr_log2: f64, cell: &[&&RunRecord], metric: Metric) -> LrPoint {
         (None, None)
     } else {
         let mean = finite.iter().sum::<f64>() / n;
-        let stderr = (finite.len() > 1)
-            .then(|| (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt());
+        let stderr =
+            (finite.len() > 1).then(|| (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt());
         (Some(mean), stderr)
     };
     LrPoint { lr_log2, loss, stderr, seeds: cell.len(), diverged }
@@ -884,7 +889,10 @@ impl SweepSummary {
             self.window
         ));
         s.push_str("## Optimum LR per size\n\n");
-        s.push_str(&format!("| preset | {axis} | optimum log2 LR | +- | method | bracketed | {} at optimum |\n", self.metric.name()));
+        s.push_str(&format!(
+            "| preset | {axis} | optimum log2 LR | +- | method | bracketed | {} at optimum |\n",
+            self.metric.name()
+        ));
         s.push_str("| --- | ---: | ---: | ---: | --- | --- | ---: |\n");
         for p in &self.presets {
             for z in &p.sizes {
@@ -989,7 +997,11 @@ pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
             let (drift, slope, verdict) = match &p.drift {
                 Some(d) => (
                     format!("{:.2}{}", d.range, d.range_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
-                    format!("{:+.2}{}", d.per_doubling, d.per_doubling_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
+                    format!(
+                        "{:+.2}{}",
+                        d.per_doubling,
+                        d.per_doubling_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))
+                    ),
                     {
                         let sd = d.range_std.unwrap_or(0.0);
                         if !complete || !d.all_bracketed {
@@ -1005,11 +1017,8 @@ pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
                 ),
                 None => ("n/a".into(), "n/a".into(), "undecided"),
             };
-            let runs: Vec<&RunRecord> = sum
-                .runs
-                .iter()
-                .filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale)
-                .collect();
+            let runs: Vec<&RunRecord> =
+                sum.runs.iter().filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale).collect();
             let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
             let grid = sum.grid_points / sum.presets.len().max(1);
             s.push_str(&format!(
@@ -1053,7 +1062,8 @@ pub fn collect(dirs: &[PathBuf], out: &Path, tolerance: f64) -> Result<Vec<Sweep
 
 /// Writes `DIR/summary.json` and `DIR/summary.md` atomically, and the figures under `DIR/figures/`.
 pub fn write_summary(summary: &SweepSummary, out: &Path) -> Result<()> {
-    let json = serde_json::to_vec_pretty(summary).map_err(|e| Error::Internal(format!("cannot serialise the summary: {e}")))?;
+    let json = serde_json::to_vec_pretty(summary)
+        .map_err(|e| Error::Internal(format!("cannot serialise the summary: {e}")))?;
     write_atomic(&out.join("summary.json"), &json)?;
     write_atomic(&out.join("summary.md"), summary.markdown().as_bytes())?;
     figures::write_sweep_figures(summary, &out.join("figures"))?;

@@ -56,10 +56,8 @@ pub struct Optimum {
 /// points to within their noise); without them it is s^2 (X^T X)^-1 from the residuals, which needs more
 /// than three points. Returns `None` when no point is finite.
 pub fn fit_optimum(curve: &[LrPoint], window: f64) -> Option<Optimum> {
-    let mut finite: Vec<(f64, f64, Option<f64>)> = curve
-        .iter()
-        .filter_map(|p| p.loss.filter(|l| l.is_finite()).map(|l| (p.lr_log2, l, p.stderr)))
-        .collect();
+    let mut finite: Vec<(f64, f64, Option<f64>)> =
+        curve.iter().filter_map(|p| p.loss.filter(|l| l.is_finite()).map(|l| (p.lr_log2, l, p.stderr))).collect();
     finite.sort_by(|a, b| a.0.total_cmp(&b.0));
     let best = (0..finite.len()).min_by(|&i, &j| finite[i].1.total_cmp(&finite[j].1))?;
     let (x_best, y_best, _) = finite[best];
@@ -231,9 +229,7 @@ mod tests {
     use rand_distr::{Distribution, Normal};
 
     fn curve(mut f: impl FnMut(f64) -> f64, xs: &[f64]) -> Vec<LrPoint> {
-        xs.iter()
-            .map(|&x| LrPoint { lr_log2: x, loss: Some(f(x)), stderr: None, seeds: 1, diverged: 0 })
-            .collect()
+        xs.iter().map(|&x| LrPoint { lr_log2: x, loss: Some(f(x)), stderr: None, seeds: 1, diverged: 0 }).collect()
     }
 
     fn grid(lo: f64, hi: f64, step: f64) -> Vec<f64> {

@@ -19,11 +19,8 @@ pub fn lr_curve_panels(summary: &SweepSummary) -> Vec<Panel> {
         .map(|p| {
             let mut panel = Panel::new(format!("{axis}: {}", p.label()), "log2 LR", summary.metric.name());
             for z in &p.sizes {
-                let pts: Vec<(f64, f64, f64)> = z
-                    .curve
-                    .iter()
-                    .filter_map(|c| c.loss.map(|l| (c.lr_log2, l, c.stderr.unwrap_or(0.0))))
-                    .collect();
+                let pts: Vec<(f64, f64, f64)> =
+                    z.curve.iter().filter_map(|c| c.loss.map(|l| (c.lr_log2, l, c.stderr.unwrap_or(0.0)))).collect();
                 if !pts.is_empty() {
                     panel = panel.with(Series::new(format!("{axis} {}", z.size), pts));
                 }
