@@ -59,13 +59,17 @@ impl CompareSpec {
 pub struct FiniteRun {
     pub seed: u64,
     /// (T+1) losses.
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub loss: Vec<f64>,
     /// Final residual-stream kernel <h_L, h_L>/N, row-major P x P.
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub kernel: Vec<f64>,
     /// Final routing threshold of the last block per sample: midpoint of the k-th and (k+1)-th largest
     /// router logit (the (1 - kappa) quantile over experts).
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub thresholds: Vec<f64>,
     /// Final load quantiles (levels of [`LOAD_QUANTILES`]) of `load_e / kappa` in the last block.
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub load_quantiles: Vec<f64>,
 }
 
@@ -73,18 +77,26 @@ pub struct FiniteRun {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SizeSummary {
     pub sizes: Sizes,
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub loss_mean: Vec<f64>,
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub loss_sem: Vec<f64>,
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub load_quantiles: Vec<f64>,
     /// Mean over steps of |L_finite(t) - L_dmft(t)|, relative to the mean DMFT loss (seed-averaged curve).
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub loss_gap: f64,
     /// Seed spread of the same gap (standard error over seeds of each seed's gap).
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub loss_gap_sem: f64,
     /// ||K_finite - K_dmft||_F / ||K_dmft||_F of the final residual kernel.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub kernel_gap: f64,
     /// RMS over samples of q_finite - q_dmft at the final step.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub threshold_gap: f64,
     /// max over quantile levels of |quantile_finite - quantile_dmft| of load_e/kappa at the final step.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub load_gap: f64,
     pub runs: Vec<FiniteRun>,
 }
@@ -99,11 +111,16 @@ pub struct GapFit {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DmftSummary {
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub loss: Vec<f64>,
     pub loss_err: Option<Vec<f64>>,
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub kernel: Vec<f64>,
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub thresholds: Vec<f64>,
+    #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub load_quantiles: Vec<f64>,
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub wall_s: f64,
 }
 

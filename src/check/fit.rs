@@ -18,14 +18,19 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SlopeFit {
     /// The exponent: y ∝ x^slope.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub slope: f64,
     /// Combined uncertainty of the slope: the larger of `residual_err` and `bootstrap_err`.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub err: f64,
     /// Standard error of the slope from the scatter of the points about the line.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub residual_err: f64,
     /// Standard deviation of the slope over seed-bootstrap resamples (0 when seeds are not given).
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub bootstrap_err: f64,
     /// ln y at ln x = 0.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub intercept: f64,
     /// Number of sizes in the fit.
     pub points: usize,
@@ -35,14 +40,21 @@ pub struct SlopeFit {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PowerLawFit {
     /// The limit as x -> infinity.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub a: f64,
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub b: f64,
     /// The rate at which the finite-size correction vanishes.
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub c: f64,
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub a_err: f64,
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub b_err: f64,
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub c_err: f64,
     /// Weighted residual sum of squares (chi^2 when `sigma` was given).
+    #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub rss: f64,
     /// Degrees of freedom: points - 3.
     pub dof: usize,
@@ -260,6 +272,27 @@ pub fn mean_and_sem(values: &[f64]) -> (f64, f64) {
     }
     let var = values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1) as f64;
     (m, (var / n as f64).sqrt())
+}
+
+/// Reading back JSON written by serde_json, which writes non-finite floats (a diverged run, an
+/// unidentifiable fit parameter) as `null`: these read `null` as NaN.
+pub mod nan {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    }
+
+    pub fn vec2<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f64>>, D::Error> {
+        Ok(Vec::<Vec<Option<f64>>>::deserialize(d)?
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+            .collect())
+    }
 }
 
 #[cfg(test)]

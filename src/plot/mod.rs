@@ -172,7 +172,14 @@ fn range(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     if log {
         let (l, h) = (lo.log10(), hi.log10());
         let pad = ((h - l) * 0.06).max(0.05);
-        (10f64.powf(l - pad), 10f64.powf(h + pad))
+        let (mut a, mut b) = (l - pad, h + pad);
+        // A log axis labels only powers of ten (and a few multiples): span at least one full decade
+        // boundary so every panel has readable tick labels.
+        if b.floor() == a.floor() {
+            a = a.floor();
+            b = b.max(a + 1.0);
+        }
+        (10f64.powf(a), 10f64.powf(b))
     } else {
         let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) * 0.1 };
         (lo - 0.06 * span, hi + 0.06 * span)
