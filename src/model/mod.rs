@@ -127,6 +127,32 @@ impl Activation {
         }
     }
 
+    /// `(phi(x), phi'(x))` in the network's own float type, with the formulas of [`Activation::apply`]
+    /// and [`Activation::derivative`]: f32 training avoids a round trip through f64, and computing both
+    /// at once costs one tanh per entry instead of two.
+    pub fn value_and_slope<F: Real>(self, x: F) -> (F, F) {
+        match self {
+            Activation::Relu => {
+                if x > F::zero() {
+                    (x, F::one())
+                } else {
+                    (F::zero(), F::zero())
+                }
+            }
+            Activation::Tanh => {
+                let t = x.tanh();
+                (t, F::one() - t * t)
+            }
+            Activation::Gelu => {
+                let (c, a, half, one) = (F::of(0.7978845608028654), F::of(0.044715), F::of(0.5), F::one());
+                let t = (c * (x + a * x * x * x)).tanh();
+                let slope = half * (one + t) + half * x * (one - t * t) * c * (one + F::of(3.0) * a * x * x);
+                (half * x * (one + t), slope)
+            }
+            Activation::Linear => (x, F::one()),
+        }
+    }
+
     /// Derivative with respect to the input.
     pub fn derivative(self, x: f64) -> f64 {
         match self {

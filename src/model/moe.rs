@@ -163,31 +163,6 @@ fn rms<'a, F: Real>(it: impl Iterator<Item = &'a F>) -> f64 {
     }
 }
 
-/// `(phi(x), phi'(x))` in the network's own float type, with the formulas of [`Activation::apply`] and
-/// [`Activation::derivative`]; computing both at once costs one tanh per entry instead of two.
-fn activation_and_slope<F: Real>(act: Activation, x: F) -> (F, F) {
-    match act {
-        Activation::Relu => {
-            if x > F::zero() {
-                (x, F::one())
-            } else {
-                (F::zero(), F::zero())
-            }
-        }
-        Activation::Tanh => {
-            let t = x.tanh();
-            (t, F::one() - t * t)
-        }
-        Activation::Gelu => {
-            let (c, a, half, one) = (F::of(0.7978845608028654), F::of(0.044715), F::of(0.5), F::one());
-            let t = (c * (x + a * x * x * x)).tanh();
-            let value = half * x * (one + t);
-            let slope = half * (one + t) + half * x * (one - t * t) * c * (one + F::of(3.0) * a * x * x);
-            (value, slope)
-        }
-        Activation::Linear => (x, F::one()),
-    }
-}
 
 /// One expert on a gathered token matrix: returns (phi(u), phi'(u), z, sum of u^2).
 fn expert_forward<F: Real>(
@@ -205,7 +180,7 @@ fn expert_forward<F: Real>(
         let u = *h * m_up;
         let x = u.to_f64().unwrap_or(f64::NAN);
         u_sq_sum += x * x;
-        let (v, s) = activation_and_slope(act, u);
+        let (v, s) = act.value_and_slope(u);
         *h = v;
         s
     });

@@ -281,30 +281,6 @@ fn rms<F: Real>(a: ArrayView2<F>) -> f64 {
     (a.iter().map(|v| v.to_f64().unwrap_or(f64::NAN).powi(2)).sum::<f64>() / n).sqrt()
 }
 
-/// `(phi(x), phi'(x))` in the network's float type with the formulas of [`Activation::apply`] and
-/// [`Activation::derivative`]: f32 training avoids a round trip through f64 and a second tanh.
-fn activation_and_slope<F: Real>(act: Activation, x: F) -> (F, F) {
-    match act {
-        Activation::Relu => {
-            if x > F::zero() {
-                (x, F::one())
-            } else {
-                (F::zero(), F::zero())
-            }
-        }
-        Activation::Tanh => {
-            let t = x.tanh();
-            (t, F::one() - t * t)
-        }
-        Activation::Gelu => {
-            let (c, a, half, one) = (F::of(0.7978845608028654), F::of(0.044715), F::of(0.5), F::one());
-            let t = (c * (x + a * x * x * x)).tanh();
-            let slope = half * (one + t) + half * x * (one - t * t) * c * (one + F::of(3.0) * a * x * x);
-            (half * x * (one + t), slope)
-        }
-        Activation::Linear => (x, F::one()),
-    }
-}
 
 fn view1<F: Real>(p: &ArrayD<F>) -> ArrayView1<'_, F> {
     p.view()
@@ -678,7 +654,7 @@ impl<F: Real> MoeTransformer<F> {
                     let u = *h * m_up;
                     let x = u.to_f64().unwrap_or(f64::NAN);
                     sq += x * x;
-                    (*h, *d) = activation_and_slope(act, u);
+                    (*h, *d) = act.value_and_slope(u);
                 });
                 sq
             })
