@@ -387,6 +387,8 @@ mod tests {
         assert!(r.sizes[1].kernel_gap < r.sizes[0].kernel_gap, "{}", r.table());
         assert!(r.sizes[1].load_gap < r.sizes[0].load_gap, "{}", r.table());
         assert!(r.sizes.iter().all(|s| s.loss_gap.is_finite() && s.loss_gap < 0.5), "{}", r.table());
-        assert_eq!(r, run_compare(&spec).unwrap());
+        // Deterministic (the solver's wall time aside).
+        let again = run_compare(&spec).unwrap();
+        assert_eq!((&r.sizes, &r.dmft.loss, &r.fits), (&again.sizes, &again.dmft.loss, &again.fits));
     }
 }
