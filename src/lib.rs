@@ -21,6 +21,7 @@ pub mod cuda;
 pub mod data;
 pub mod dmft;
 pub mod error;
+pub mod files;
 pub mod model;
 pub mod param;
 pub mod plot;

@@ -2,7 +2,7 @@
 //! and SGD or Adam, plus the router-initialization ablation; prints Markdown tables and writes one JSON
 //! result per check (the input of `moe-dmft figures` and of validation/REPORT.md).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::check::coord::{CoordResult, CoordSpec, RouterInit};
 use crate::check::run::{run_coord, CoordSetup};
@@ -187,16 +187,7 @@ pub fn result_file(r: &CoordResult) -> String {
     format!("{}.json", r.label().replace('/', "_"))
 }
 
-pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Write { path: dir.to_path_buf(), source })?;
-    }
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
-    // Atomic: a reader never sees half a file.
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|source| Error::Write { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Write { path: path.to_path_buf(), source })
-}
+pub use crate::files::write_json;
 
 pub fn run(args: Args) -> Result<()> {
     let setups = setups(&args)?;

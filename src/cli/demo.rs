@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<()> {
     let result = run_compare(&spec)?;
     println!("{}", result.table());
     std::fs::create_dir_all(&args.out).map_err(|source| Error::Write { path: args.out.clone(), source })?;
-    super::coord_check::write_json(&args.out.join("compare.json"), &result)?;
+    crate::files::write_json(&args.out.join("compare.json"), &result)?;
     let files = line_plot(&args.out.join("loss_curves"), &loss_panel(&result))?;
     for f in files {
         println!("wrote {}", f.display());

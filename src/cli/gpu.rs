@@ -106,10 +106,7 @@ mod imp {
     use crate::train::TrainConfig;
     use crate::Error;
 
-    fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> crate::Result<()> {
-        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(format!("json: {e}")))?;
-        std::fs::write(path, text).map_err(|source| Error::Write { path: path.to_path_buf(), source })
-    }
+    use crate::files::write_json;
 
     pub fn run(args: Args) -> crate::Result<()> {
         match args.command {

@@ -13,11 +13,12 @@ use super::device::Gpu;
 use super::resnet::{check_supported, GpuResNet};
 use super::DeviceInfo;
 use crate::model::resnet::{MoeResNet, ResNetConfig};
-use crate::model::{Activation, Batch, Model, ParamStore};
+use crate::model::{Activation, Batch, Model};
 use crate::param::{ParamConfig, Sizes};
 use crate::routing::RoutingConfig;
-use crate::train::engine::{self, stream_rng, Both, LoopResult, Observer, Status, TrainData};
-use crate::train::{prepare, MetricsFile, ModelConfig, Precision, Prepared, Summary, TrainConfig};
+use crate::train::engine::{self, stream_rng, Both, Observer, TrainData};
+use crate::files::{write_atomic, write_json, write_npy};
+use crate::train::{prepare, summarize, MetricsFile, ModelConfig, Precision, Prepared, Summary, TrainConfig};
 use crate::Error;
 
 fn resnet_config(cfg: &TrainConfig) -> crate::Result<&ResNetConfig> {
@@ -43,57 +44,6 @@ fn init_host(p: &Prepared) -> crate::Result<MoeResNet<f32>> {
     let m = resnet_config(&p.config)?;
     let mut rng = stream_rng(p.config.seed, engine::STREAM_INIT);
     MoeResNet::new(m, &p.resolved, &mut rng)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|source| Error::Write { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Write { path: path.to_path_buf(), source })
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> crate::Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(format!("json: {e}")))?;
-    write_atomic(path, text.as_bytes())
-}
-
-fn write_npy(path: &Path, a: &Array2<f64>) -> crate::Result<()> {
-    ndarray_npy::write_npy(path, a)
-        .map_err(|e| Error::Write { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
-}
-
-/// `summary.json` of a run, with the fields and conventions of the CPU trainer's summary.
-fn summarize(p: &Prepared, store: &ParamStore<f32>, r: &LoopResult) -> Summary {
-    let finite = |v: f64| v.is_finite().then_some(v);
-    let best = r
-        .losses
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .min_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, &l)| (i, l));
-    let (total, active) = engine::parameter_counts(store, p.resolved.sizes.kappa());
-    Summary {
-        status: r.status,
-        diverged_at: r.diverged_at,
-        steps: p.config.steps,
-        records: r.losses.len(),
-        initial_loss: r.losses.first().copied().unwrap_or(f64::NAN),
-        final_loss: if r.status == Status::Ok { r.losses.last().copied().and_then(finite) } else { None },
-        best_loss: best.map(|b| b.1),
-        best_step: best.map(|b| b.0),
-        final_val_loss: r.val_losses.last().filter(|v| v.0 == p.config.steps).map(|v| v.1).and_then(finite),
-        best_val_loss: r.val_losses.iter().map(|v| v.1).filter(|v| v.is_finite()).min_by(|a, b| a.total_cmp(b)),
-        loss_convention: p.data.loss_convention().to_string(),
-        wall_seconds: r.wall_seconds,
-        tokens_per_second: r.tokens_per_second,
-        params_total: total,
-        params_active: active,
-        arch: p.config.model.arch().to_string(),
-        preset: p.resolved.preset.clone(),
-        optimizer: p.resolved.optimizer,
-        seed: p.config.seed,
-        threads: p.config.threads,
-    }
 }
 
 /// Trains the MoE-ResNet of `cfg` (an ordinary `moe-dmft train` config) on the GPU with the CPU

@@ -24,14 +24,7 @@ fn write_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 fn write_npy<A: WriteNpyExt>(dir: &Path, name: &str, array: &A) -> crate::Result<()> {
-    let path = dir.join(name);
-    let file = std::fs::File::create(&path).map_err(write_err(&path))?;
-    array
-        .write_npy(std::io::BufWriter::new(file))
-        .map_err(|e| Error::Write {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
+    crate::files::write_npy(&dir.join(name), array)
 }
 
 fn write_text(dir: &Path, name: &str, text: &str) -> crate::Result<()> {

@@ -51,8 +51,9 @@ use crate::data::text::{default_corpus_dir, Corpus};
 use crate::data::{make_task_with_validation, Task, TaskConfig};
 use crate::model::resnet::{MoeResNet, ResNetConfig};
 use crate::model::transformer::{MoeTransformer, TransformerConfig};
-use crate::model::{Model, Real};
+use crate::model::{Model, ParamStore, Real};
 use crate::param::{ParamConfig, Resolved};
+use crate::files::{write_atomic, write_npy};
 use crate::Error;
 use schedule::{Schedule, ScheduleKind};
 
@@ -502,7 +503,8 @@ pub struct Summary {
     pub threads: usize,
 }
 
-fn summarize<F: Real>(p: &Prepared, model: &dyn Model<F>, r: &LoopResult) -> Summary {
+/// The `summary.json` of a finished (or diverged) run; shared by the CPU trainer and the GPU backend.
+pub fn summarize<F: Real>(p: &Prepared, store: &ParamStore<F>, r: &LoopResult) -> Summary {
     let finite = |v: f64| v.is_finite().then_some(v);
     let best = r
         .losses
@@ -511,7 +513,7 @@ fn summarize<F: Real>(p: &Prepared, model: &dyn Model<F>, r: &LoopResult) -> Sum
         .filter(|(_, l)| l.is_finite())
         .min_by(|a, b| a.1.total_cmp(b.1))
         .map(|(i, &l)| (i, l));
-    let (total, active) = engine::parameter_counts(model.store(), p.resolved.sizes.kappa());
+    let (total, active) = engine::parameter_counts(store, p.resolved.sizes.kappa());
     Summary {
         status: r.status,
         diverged_at: r.diverged_at,
@@ -557,7 +559,7 @@ pub fn run_prepared<F: Real>(prepared: Prepared, observer: &mut dyn Observer) ->
         let mut model = TrainedModel::<F>::init(&prepared.config, &prepared.resolved)?;
         let result =
             run_loop(model.as_model_mut(), &prepared.resolved, &prepared.data, &prepared.config.loop_settings(), observer)?;
-        let summary = summarize(&prepared, model.as_model(), &result);
+        let summary = summarize(&prepared, model.as_model().store(), &result);
         Ok(Trained { prepared, model, result, summary })
     })
 }
@@ -584,20 +586,6 @@ impl Observer for MetricsFile {
         let line = serde_json::to_string(record).map_err(|e| Error::Internal(format!("metrics record: {e}")))?;
         writeln!(self.out, "{line}").map_err(|source| Error::Write { path: self.path.clone(), source })
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|source| Error::Write { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Write { path: path.to_path_buf(), source })
-}
-
-fn write_npy(path: &Path, a: &ndarray::Array2<f64>) -> crate::Result<()> {
-    ndarray_npy::write_npy(path, a).map_err(|e| Error::Write {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
 }
 
 fn write_task(dir: &Path, stem: &str, task: &Task) -> crate::Result<()> {

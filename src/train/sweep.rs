@@ -552,25 +552,7 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Write { path: path.to_path_buf(), source }
 }
 
-/// A name suffix no other process uses: the pid alone is not enough when tasks on several machines (or
-/// containers, where every pid may be 1) share one output folder. Random bits name files only; they never
-/// touch results.
-fn unique_tag() -> String {
-    format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers see the
-/// old file or the new one, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", unique_tag()));
-    let mut f = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
-    f.write_all(bytes).map_err(write_err(&tmp))?;
-    f.sync_all().map_err(write_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(write_err(path))
-}
+pub use crate::files::{unique_tag, write_atomic};
 
 /// Checks `DIR/sweep.toml` against `cfg` (same `[base]` required) or writes it on the first run.
 fn check_manifest(cfg: &SweepConfig, out: &Path) -> Result<()> {
