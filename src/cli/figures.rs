@@ -284,6 +284,9 @@ pub fn report(results: &[CoordResult], compare: Option<&CompareResult>, figures:
         s.push_str(&r.table());
         s.push('\n');
     }
+    // The HP-transfer sweeps keep their own report, written by `moe-dmft sweep --collect`.
+    s.push_str("## HP transfer on text\n\nLR sweeps of the MoE-Transformer along the four axes: see ");
+    s.push_str("[sweeps/REPORT.md](sweeps/REPORT.md) (configs, what ran, optimum-LR drift per preset).\n\n");
     s.push_str("## Figures\n\n");
     for f in figures.iter().filter(|f| f.extension().is_some_and(|e| e == "png")) {
         s.push_str(&format!("- [{}]({})\n", f.display(), rel(f, report_path)));
