@@ -7,61 +7,14 @@
 //!     [--prototypes Z] [--capacity C] [--gate softmax|sigmoid] [--bias-rate u] [--curves]
 
 use moe_dmft::data::{make_task, TaskConfig};
+use moe_dmft::check::compare::mean_field_param;
 use moe_dmft::dmft::{self, SolveConfig};
 use moe_dmft::model::resnet::{MoeResNet, ResNetConfig};
 use moe_dmft::model::{Activation, Batch, Model};
-use moe_dmft::param::{Group, GroupHp, Optimizer, Resolved, Sizes};
+use moe_dmft::param::Sizes;
 use moe_dmft::routing::{Gate, RoutingConfig, TieBreak};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-/// The mean-field SGD instance of SPEC §4 at the given sizes.
-fn mean_field(sizes: Sizes, input_dim: usize, eta0: f64, gamma0: f64) -> Resolved {
-    let (n, l, k, h) = (
-        sizes.width as f64,
-        sizes.depth as f64,
-        sizes.active as f64,
-        sizes.expert_hidden as f64,
-    );
-    let eta = eta0 * gamma0 * gamma0;
-    let hp = |group, init_std, multiplier, lr| GroupHp {
-        group,
-        init_std,
-        multiplier,
-        lr,
-        adam_eps: None,
-        weight_decay: 0.0,
-    };
-    let mut groups = vec![
-        hp(
-            Group::Embedding,
-            1.0,
-            1.0 / (input_dim as f64).sqrt(),
-            eta * n,
-        ),
-        hp(Group::Router, 0.0, 1.0 / n.sqrt(), eta * k * l),
-        hp(Group::ExpertUp, 1.0, 1.0 / n.sqrt(), eta * h * k * l),
-        hp(Group::ExpertDown, 1.0, 1.0 / h, eta * n * h * k * l),
-        hp(Group::ExpertBias, 0.0, 1.0, 0.0),
-        hp(Group::Readout, 1.0, 1.0 / (gamma0 * n), eta * n),
-    ];
-    for g in [
-        Group::AttnQkv,
-        Group::AttnOut,
-        Group::Norm,
-        Group::Unembedding,
-    ] {
-        groups.push(hp(g, 1.0, 1.0, 0.0));
-    }
-    Resolved {
-        preset: "mean-field-sgd".into(),
-        optimizer: Optimizer::Sgd,
-        sizes,
-        base: sizes,
-        residual_multiplier: 1.0 / l,
-        groups,
-    }
-}
 
 fn finite_curve(
     sizes: Sizes,
@@ -71,7 +24,9 @@ fn finite_curve(
     steps: usize,
     seed: u64,
 ) -> moe_dmft::Result<(Vec<f64>, f64, f64)> {
-    let hp = mean_field(sizes, task.x.ncols(), 0.2, 1.0);
+    // The engine's mean-field SGD instance (SPEC §4), as `compare` uses it; eta0 = 0.2, gamma0 = 1.
+    let solve = SolveConfig { task: TaskConfig { input_dim: task.x.ncols(), ..TaskConfig::default() }, ..SolveConfig::default() };
+    let hp = mean_field_param(&solve).resolve(&sizes)?;
     let cfg = ResNetConfig {
         input_dim: task.x.ncols(),
         outputs: task.y.ncols(),
