@@ -77,37 +77,7 @@ impl RouterInit {
 /// `depth` sets L; `experts` sets M = value and k = value * kappa (must be an integer);
 /// `expert_hidden` sets n at fixed N.
 pub fn sizes_along(base: &Sizes, axis: Axis, value: usize) -> Result<Sizes> {
-    if value == 0 {
-        return Err(Error::invalid("coord.sizes", "must be positive"));
-    }
-    let mut s = *base;
-    match axis {
-        Axis::Width => {
-            let n = value as f64 * base.expert_hidden as f64 / base.width as f64;
-            if n.fract() != 0.0 || n < 1.0 {
-                return Err(Error::invalid(
-                    "coord.sizes",
-                    format!("width {value} does not give an integer expert_hidden at n/N = {}/{}", base.expert_hidden, base.width),
-                ));
-            }
-            s.width = value;
-            s.expert_hidden = n as usize;
-        }
-        Axis::Depth => s.depth = value,
-        Axis::Experts => {
-            let k = value as f64 * base.kappa();
-            if (k - k.round()).abs() > 1e-9 || k.round() < 1.0 {
-                return Err(Error::invalid(
-                    "coord.sizes",
-                    format!("experts {value} at kappa = {} does not give an integer k >= 1", base.kappa()),
-                ));
-            }
-            s.experts = value;
-            s.active = k.round() as usize;
-        }
-        Axis::ExpertHidden => s.expert_hidden = value,
-    }
-    Ok(s)
+    base.along(axis, value, "coord.sizes")
 }
 
 /// The value of `axis` in `s` (the x of the fits).

@@ -121,6 +121,39 @@ impl Sizes {
     pub fn kappa(&self) -> f64 {
         self.active as f64 / self.experts as f64
     }
+
+    /// These sizes moved to `value` along `axis` as SPEC §2 defines the axes: along `width` the expert
+    /// hidden size follows at fixed n/N, along `experts` the active count follows at fixed kappa; both
+    /// must come out as integers >= 1 (exact integer arithmetic). `field` names the input in errors.
+    pub fn along(&self, axis: Axis, value: usize, field: &str) -> crate::Result<Sizes> {
+        if value == 0 {
+            return Err(crate::Error::invalid(field, "sizes must be positive"));
+        }
+        let follow = |lead0: usize, follow0: usize, what: &str| {
+            let num = value as u128 * follow0 as u128;
+            if lead0 == 0 || num % lead0 as u128 != 0 || num < lead0 as u128 {
+                return Err(crate::Error::invalid(
+                    field,
+                    format!("{} {value} gives a non-integer {what} (or one below 1) at {what}/{} = {follow0}/{lead0}", axis.name(), axis.name()),
+                ));
+            }
+            Ok((num / lead0 as u128) as usize)
+        };
+        let mut s = *self;
+        match axis {
+            Axis::Width => {
+                s.expert_hidden = follow(self.width, self.expert_hidden, "expert_hidden")?;
+                s.width = value;
+            }
+            Axis::Depth => s.depth = value,
+            Axis::Experts => {
+                s.active = follow(self.experts, self.active, "active")?;
+                s.experts = value;
+            }
+            Axis::ExpertHidden => s.expert_hidden = value,
+        }
+        Ok(s)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::param::Axis;
+use crate::param::{Axis, Sizes};
 use crate::{Error, Result};
 use analysis::{Drift, LrPoint, Optimum};
 
@@ -316,39 +316,23 @@ impl SweepConfig {
         if let Some(s) = p.init_scale {
             set(&mut t, keys::INIT_SCALE, toml::Value::Float(s))?;
         }
-        match p.axis {
-            Axis::Width => {
-                let (n0, h0) = (base_size(&self.base, keys::WIDTH)?, base_size(&self.base, keys::EXPERT_HIDDEN)?);
-                if (p.size * h0) % n0 != 0 {
-                    return Err(Error::invalid(
-                        "grid.sizes",
-                        format!(
-                            "width {} keeps expert_hidden/width = {h0}/{n0} only if {} is integer",
-                            p.size,
-                            p.size as f64 * h0 as f64 / n0 as f64
-                        ),
-                    ));
-                }
-                set(&mut t, keys::WIDTH, to_toml_int(p.size))?;
-                set(&mut t, keys::EXPERT_HIDDEN, to_toml_int(p.size * h0 / n0))?;
-            }
-            Axis::Depth => set(&mut t, keys::DEPTH, to_toml_int(p.size))?,
-            Axis::Experts => {
-                let (m0, k0) = (base_size(&self.base, keys::EXPERTS)?, base_size(&self.base, keys::ACTIVE)?);
-                if (p.size * k0) % m0 != 0 {
-                    return Err(Error::invalid(
-                        "grid.sizes",
-                        format!(
-                            "experts {} at kappa = {k0}/{m0} gives a non-integer active count {}",
-                            p.size,
-                            p.size as f64 * k0 as f64 / m0 as f64
-                        ),
-                    ));
-                }
-                set(&mut t, keys::EXPERTS, to_toml_int(p.size))?;
-                set(&mut t, keys::ACTIVE, to_toml_int(p.size * k0 / m0))?;
-            }
-            Axis::ExpertHidden => set(&mut t, keys::EXPERT_HIDDEN, to_toml_int(p.size))?,
+        // Only the sizes the axis moves (or that follow it) need to be in the base; the rest stay as they are.
+        let pick = |key: &[&str]| base_size(&self.base, key);
+        let ones = Sizes { width: 1, depth: 1, experts: 1, active: 1, expert_hidden: 1 };
+        let base = match p.axis {
+            Axis::Width => Sizes { width: pick(keys::WIDTH)?, expert_hidden: pick(keys::EXPERT_HIDDEN)?, ..ones },
+            Axis::Experts => Sizes { experts: pick(keys::EXPERTS)?, active: pick(keys::ACTIVE)?, ..ones },
+            Axis::Depth | Axis::ExpertHidden => ones,
+        };
+        let s = base.along(p.axis, p.size, "grid.sizes")?;
+        let moved: &[(&[&str], usize)] = match p.axis {
+            Axis::Width => &[(keys::WIDTH, s.width), (keys::EXPERT_HIDDEN, s.expert_hidden)],
+            Axis::Depth => &[(keys::DEPTH, s.depth)],
+            Axis::Experts => &[(keys::EXPERTS, s.experts), (keys::ACTIVE, s.active)],
+            Axis::ExpertHidden => &[(keys::EXPERT_HIDDEN, s.expert_hidden)],
+        };
+        for &(key, value) in moved {
+            set(&mut t, key, to_toml_int(value))?;
         }
         Ok(t)
     }
