@@ -5,4 +5,5 @@
 pub mod fit;
 pub mod coord;
 pub mod run;
+pub mod run_transformer;
 pub mod compare;
