@@ -12,7 +12,8 @@
 //! GEMMs (BLAS through ndarray), experts run in parallel with rayon, and the scatter back into the
 //! output is done serially in expert order so results do not depend on the thread count.
 
-use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView1, ArrayView2, ArrayView3, Axis, Ix1, Ix2, Ix3, IxDyn, Zip};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis, Ix1, Ix2, Ix3, IxDyn, Zip};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
@@ -292,8 +293,12 @@ pub fn moe_forward<F: Real>(
     })
 }
 
-/// Backward of one expert: given dL/dz rows already scaled by the gates (T_e x N), returns
-/// (dU_e, dV_e, dL/da_e).
+/// Backward of one expert: given dL/dz rows already scaled by the gates (T_e x N), writes dU_e and dV_e
+/// into `d_up` (n x N) and `d_down` (N x n), slices of the layer's gradient tensors (no per-expert
+/// gradient arrays: at N = 1024, M = n = 256 those were ~1 GB of fresh, page-faulted memory a step), and
+/// returns dL/da_e. The GEMMs run with alpha = 1 and the multiplier is applied afterwards, as `dot` did,
+/// so the result is bit-identical to computing a fresh product and copying it in.
+#[allow(clippy::too_many_arguments)]
 fn expert_backward<F: Real>(
     grad_z: ArrayView2<F>,
     a_e: ArrayView2<F>,
@@ -302,20 +307,22 @@ fn expert_backward<F: Real>(
     up: ArrayView2<F>,
     down: ArrayView2<F>,
     mult: &MoeMultipliers,
-) -> (Array2<F>, Array2<F>, Array2<F>) {
+    mut d_up: ArrayViewMut2<F>,
+    mut d_down: ArrayViewMut2<F>,
+) -> Array2<F> {
     let m_down = F::of(mult.down);
     let m_up = F::of(mult.up);
-    let mut d_down = grad_z.t().dot(c_hidden);
+    general_mat_mul(F::one(), &grad_z.t(), c_hidden, F::zero(), &mut d_down);
     d_down.mapv_inplace(|v| v * m_down);
     let mut du = grad_z.dot(&down);
     Zip::from(&mut du)
         .and(c_slope)
         .for_each(|d, &slope| *d = *d * m_down * slope);
-    let mut d_up = du.t().dot(&a_e);
+    general_mat_mul(F::one(), &du.t(), &a_e, F::zero(), &mut d_up);
     d_up.mapv_inplace(|v| v * m_up);
     let mut da = du.dot(&up);
     da.mapv_inplace(|v| v * m_up);
-    (d_up, d_down, da)
+    da
 }
 
 /// Backward pass: returns (dL/da, parameter gradients) given dL/d(out) (T x N). Includes the gradients
@@ -333,12 +340,18 @@ pub fn moe_backward<F: Real>(
     let (experts, hid, _) = w.up.dim();
     let routing = &cache.routing;
 
-    // Per expert: (dU_e, dV_e, dL/da_e, dL/dgate per assignment).
-    let per_expert: Vec<(Array2<F>, Array2<F>, Array2<F>, Vec<f64>)> = cache
-        .experts
-        .par_iter()
+    // Each expert writes its dU_e / dV_e straight into its slice of the layer's gradient tensors and
+    // returns (dL/da_e, dL/dgate per assignment); the scatter into `da` below stays serial, in expert
+    // order, so the sums do not depend on the thread count.
+    let mut d_up = Array3::<F>::zeros((experts, hid, width));
+    let mut d_down = Array3::<F>::zeros((experts, width, hid));
+    let per_expert: Vec<(Array2<F>, Vec<f64>)> = d_up
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(d_down.axis_iter_mut(Axis(0)).into_par_iter())
+        .zip(cache.experts.par_iter())
         .enumerate()
-        .map(|(e, c)| {
+        .map(|(e, ((gu, gd), c))| {
             let g_rows = grad_out.select(Axis(0), &c.tokens);
             let d_gate: Vec<f64> = g_rows
                 .rows()
@@ -351,7 +364,7 @@ pub fn moe_backward<F: Real>(
                 row.mapv_inplace(|v| v * gate);
             }
             let a_e = cache.a.select(Axis(0), &c.tokens);
-            let (d_up, d_down, da) = expert_backward(
+            let da_e = expert_backward(
                 grad_z.view(),
                 a_e.view(),
                 &c.hidden,
@@ -359,18 +372,16 @@ pub fn moe_backward<F: Real>(
                 w.up.index_axis(Axis(0), e),
                 w.down.index_axis(Axis(0), e),
                 mult,
+                gu,
+                gd,
             );
-            (d_up, d_down, da, d_gate)
+            (da_e, d_gate)
         })
         .collect();
 
     let mut da = Array2::<F>::zeros((tokens, width));
-    let mut d_up = Array3::<F>::zeros((experts, hid, width));
-    let mut d_down = Array3::<F>::zeros((experts, width, hid));
     let mut grad_gates = Array2::<f64>::zeros((tokens, routing.active));
-    for (e, ((gu, gd, da_e, dg), c)) in per_expert.into_iter().zip(cache.experts.iter()).enumerate() {
-        d_up.index_axis_mut(Axis(0), e).assign(&gu);
-        d_down.index_axis_mut(Axis(0), e).assign(&gd);
+    for ((da_e, dg), c) in per_expert.into_iter().zip(cache.experts.iter()) {
         for (i, &t) in c.tokens.iter().enumerate() {
             da.row_mut(t).scaled_add(F::one(), &da_e.row(i));
             grad_gates[[t, c.slots[i]]] = dg[i];
@@ -379,11 +390,16 @@ pub fn moe_backward<F: Real>(
 
     let (mut shared_up, mut shared_down) = (None, None);
     if let (Some(su), Some(sd)) = (&w.shared_up, &w.shared_down) {
-        let results: Vec<(Array2<F>, Array2<F>, Array2<F>)> = cache
-            .shared
-            .par_iter()
+        let (count, _, _) = su.dim();
+        let mut gu_all = Array3::<F>::zeros((count, hid, width));
+        let mut gd_all = Array3::<F>::zeros((count, width, hid));
+        let results: Vec<Array2<F>> = gu_all
+            .axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(gd_all.axis_iter_mut(Axis(0)).into_par_iter())
+            .zip(cache.shared.par_iter())
             .enumerate()
-            .map(|(s, c)| {
+            .map(|(s, ((gu, gd), c))| {
                 expert_backward(
                     grad_out,
                     cache.a.view(),
@@ -392,15 +408,12 @@ pub fn moe_backward<F: Real>(
                     su.index_axis(Axis(0), s),
                     sd.index_axis(Axis(0), s),
                     mult,
+                    gu,
+                    gd,
                 )
             })
             .collect();
-        let (count, _, _) = su.dim();
-        let mut gu_all = Array3::<F>::zeros((count, hid, width));
-        let mut gd_all = Array3::<F>::zeros((count, width, hid));
-        for (s, (gu, gd, da_s)) in results.into_iter().enumerate() {
-            gu_all.index_axis_mut(Axis(0), s).assign(&gu);
-            gd_all.index_axis_mut(Axis(0), s).assign(&gd);
+        for da_s in results {
             da.scaled_add(F::one(), &da_s);
         }
         shared_up = Some(gu_all);
