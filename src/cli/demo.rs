@@ -30,7 +30,7 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::invalid("steps", "must be at least 1"));
     }
     let solve = SolveConfig::default().with_steps(args.steps).with_resolution(1024, 128, 4);
-    let spec = CompareSpec { solve, ladder: super::compare::parse_ladder(&args.ladder)?, seeds: args.seeds };
+    let spec = CompareSpec::new(solve, super::compare::parse_ladder(&args.ladder)?, args.seeds);
     eprintln!(
         "solving the DMFT (P = {}, kappa = {}, {} steps; 1024 expert x 128 neuron samples x 4 repeats) and training {} finite sizes x {} seeds ...",
         spec.solve.task.points,
