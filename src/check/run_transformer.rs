@@ -343,35 +343,39 @@ pub const DELTA_FIELDS: [&str; 8] = ["embedding", "attn_logits", "attn_out", "ro
 
 /// Names of the recorded quantities, in the order [`measure_transformer`] returns them: `act.*` at
 /// initialization, `delta.*` after the steps, `grad.*` at step 0, `grad_last.*` at the last step (the
-/// gradient the last update used), `loss.init`, `loss.final`.
+/// gradient the last update used), the step-0 gradient RMS of group `norm` split into the gains inside
+/// the blocks (`grad_blocks.norm`, on the residual branches) and the final norm's gain (`grad_final.norm`,
+/// outside them), `loss.init`, `loss.final`.
 pub fn quantity_names() -> Vec<String> {
     let mut v: Vec<String> = FIELDS.iter().map(|f| format!("act.{f}")).collect();
     v.extend(DELTA_FIELDS.iter().map(|f| format!("delta.{f}")));
     v.extend(GRAD_GROUPS.iter().map(|g| format!("grad.{}", g.name())));
     v.extend(GRAD_GROUPS.iter().map(|g| format!("grad_last.{}", g.name())));
+    v.push("grad_blocks.norm".into());
+    v.push("grad_final.norm".into());
     v.push("loss.init".into());
     v.push("loss.final".into());
     v
 }
 
+/// RMS over the entries of every gradient tensor whose parameter passes `keep`.
+fn grad_rms<F: Real>(model: &MoeTransformer<F>, grads: &[ndarray::ArrayD<F>], keep: impl Fn(&crate::model::Param<F>) -> bool) -> f64 {
+    let (mut s, mut c) = (0.0, 0usize);
+    for (p, gr) in model.store().params.iter().zip(grads) {
+        if keep(p) {
+            s += gr.iter().map(|v| v.to_f64().unwrap_or(f64::NAN).powi(2)).sum::<f64>();
+            c += gr.len();
+        }
+    }
+    if c == 0 {
+        f64::NAN
+    } else {
+        (s / c as f64).sqrt()
+    }
+}
+
 fn group_rms<F: Real>(model: &MoeTransformer<F>, grads: &[ndarray::ArrayD<F>]) -> Vec<f64> {
-    GRAD_GROUPS
-        .iter()
-        .map(|g| {
-            let (mut s, mut c) = (0.0, 0usize);
-            for (p, gr) in model.store().params.iter().zip(grads) {
-                if p.group == *g {
-                    s += gr.iter().map(|v| v.to_f64().unwrap_or(f64::NAN).powi(2)).sum::<f64>();
-                    c += gr.len();
-                }
-            }
-            if c == 0 {
-                f64::NAN
-            } else {
-                (s / c as f64).sqrt()
-            }
-        })
-        .collect()
+    GRAD_GROUPS.iter().map(|g| grad_rms(model, grads, |p| p.group == *g)).collect()
 }
 
 /// One transformer at `sizes` with model seed `seed`: the quantities of [`quantity_names`], in order. A run
@@ -390,6 +394,7 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
     };
     let nan = vec![f64::NAN; GRAD_GROUPS.len()];
     let (mut grad_first, mut grad_last) = (nan.clone(), nan);
+    let mut norm_split = [f64::NAN; 2];
     let mut loss_init = f64::NAN;
     let mut diverged = false;
     for step in 0..setup.spec.steps {
@@ -397,6 +402,11 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
         if step == 0 {
             loss_init = out.loss;
             grad_first = group_rms(&model, &out.grads);
+            // The engine describes `norm` as a residual-branch group; the final norm is not in a branch.
+            norm_split = [
+                grad_rms(&model, &out.grads, |p| p.group == Group::Norm && p.name.starts_with("blocks.")),
+                grad_rms(&model, &out.grads, |p| p.name == "final_norm"),
+            ];
         }
         if !out.loss.is_finite() {
             diverged = true;
@@ -419,6 +429,7 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
     }
     v.extend(grad_first);
     v.extend(grad_last);
+    v.extend(norm_split);
     v.push(loss_init);
     v.push(if diverged || !loss_final.is_finite() { f64::NAN } else { loss_final });
     Ok(v)
@@ -451,12 +462,24 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
 /// with the keys) change at least like N^(1/2) (lower bound, like the ResNet's router and expert checks).
 /// `grad_last.*` carries the engine's `grad_rms` exponent, like `grad.*`: the gradient scale the
 /// parameterization sets (and Adam's epsilon assumes) should hold through training, not only at step 0.
+/// `grad_blocks.norm` (gains inside the blocks) carries the `norm` group's exponent; `grad_final.norm`
+/// (the final norm's gain, read only by the unembedding) the same except Θ(1) along depth, since no
+/// 1/L branch multiplier sits between it and the loss. The group RMS `grad.norm` mixes both: its depth
+/// slope tends to -1/2 (one Θ(1) tensor among 2L tensors ∝ 1/L), not the engine's -1.
 pub fn transformer_prediction(spec: &CoordSpec, quantity: &str, table: &Table) -> Option<Option<Prediction>> {
     let axis = spec.axis;
     let scaled = crate::param::presets::Preset::by_name(&spec.preset).map(|p| p.scales(axis)).unwrap_or(false);
     let exact = |value: f64| Some(Some(Prediction { value, lower_bound: false }));
     if let Some(group) = quantity.strip_prefix("grad_last.") {
         return Some(if scaled { table.row(group).map(|r| Prediction { value: r.grad_rms.get(axis), lower_bound: false }) } else { None });
+    }
+    if quantity == "grad_blocks.norm" {
+        return Some(if scaled { table.row("norm").map(|r| Prediction { value: r.grad_rms.get(axis), lower_bound: false }) } else { None });
+    }
+    if quantity == "grad_final.norm" {
+        // Outside every branch, beta_L does not reach it: Θ(1) along depth, the group's law elsewhere.
+        let value = if axis == Axis::Depth { 0.0 } else { table.row("norm")?.grad_rms.get(axis) };
+        return Some(if scaled { Some(Prediction { value, lower_bound: false }) } else { None });
     }
     if matches!(quantity, "delta.attn_out" | "delta.attn_logits") && axis == Axis::Width && !scaled {
         return Some(if spec.optimizer == Optimizer::Adam { Some(Prediction { value: 0.5, lower_bound: true }) } else { None });
