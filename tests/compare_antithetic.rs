@@ -139,6 +139,16 @@ fn antithetic_groups_stream_to_disk_and_resume_to_the_same_result() {
     assert!(victim.exists());
     assert_eq!((&first.sizes, &first.gap_rate, &first.fits), (&resumed.sizes, &resumed.gap_rate, &resumed.fits));
 
+    // Another solver resolution changes only the DMFT side: the runs are reused as they are.
+    let mut finer = spec.clone();
+    finer.solve.resolution.neuron_samples *= 2;
+    let refined = run_compare_with(&finer, Some(&RunStore { dir: store.dir.clone(), resume: true })).unwrap();
+    assert_eq!(
+        refined.sizes.iter().map(|s| &s.runs).collect::<Vec<_>>(),
+        first.sizes.iter().map(|s| &s.runs).collect::<Vec<_>>()
+    );
+    assert_ne!(refined.dmft.loss, first.dmft.loss);
+
     // Resuming with another solver config is refused, naming the field.
     let mut other = spec.clone();
     other.solve.eta0 *= 2.0;
@@ -163,6 +173,27 @@ fn antithetic_groups_stream_to_disk_and_resume_to_the_same_result() {
     let back: CompareResult = serde_json::from_value(old).unwrap();
     assert_eq!(back.spec.antithetic, Antithetic::Off);
     assert!(back.gap_rate.is_none() && back.sizes[0].gap_sq.is_nan());
+}
+
+#[test]
+fn dmft_extrapolation_is_richardson_in_the_neuron_samples() {
+    let solve = small_solve(3);
+    let mut spec = CompareSpec::new(solve.clone(), vec![(16, 4, 4), (32, 8, 8)], 1);
+    spec.dmft_extrapolate = true;
+    let r = run_compare(&spec).unwrap();
+    let fine = run_compare(&CompareSpec::new(solve.clone(), vec![(16, 4, 4), (32, 8, 8)], 1)).unwrap();
+    let mut half = solve;
+    half.resolution.neuron_samples /= 2;
+    let coarse = run_compare(&CompareSpec::new(half, vec![(16, 4, 4), (32, 8, 8)], 1)).unwrap();
+    assert!(r.dmft.loss_extrapolated && !fine.dmft.loss_extrapolated);
+    for t in 0..r.dmft.loss.len() {
+        let want = 2.0 * fine.dmft.loss[t] - coarse.dmft.loss[t];
+        assert!((r.dmft.loss[t] - want).abs() < 1e-12, "step {t}: {} vs {want}", r.dmft.loss[t]);
+        let (e1, e2) = (fine.dmft.loss_err.as_ref().unwrap()[t], coarse.dmft.loss_err.as_ref().unwrap()[t]);
+        assert!((r.dmft.loss_err.as_ref().unwrap()[t] - (4.0 * e1 * e1 + e2 * e2).sqrt()).abs() < 1e-12);
+    }
+    // The finite side is untouched by the reference.
+    assert_eq!(r.sizes[0].runs, fine.sizes[0].runs);
 }
 
 #[test]

@@ -34,6 +34,10 @@ pub struct Args {
     /// Output folder.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Richardson-extrapolate the DMFT loss to infinite neuron samples (2 L(n_s) - L(n_s/2)), removing
+    /// the solver's O(1/n_s) bias from the reference the gaps are measured against.
+    #[arg(long)]
+    pub dmft_extrapolate: bool,
     /// Reuse the finished runs in OUT/runs/ (same solver config required).
     #[arg(long)]
     pub resume: bool,
@@ -76,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut spec = CompareSpec::new(solve, parse_ladder(&args.ladder)?, args.seeds);
     spec.seeds_per_size = args.seeds_per_size.as_deref().map(parse_seeds).transpose()?;
     spec.antithetic = args.antithetic.parse::<Antithetic>()?;
+    spec.dmft_extrapolate = args.dmft_extrapolate;
     if args.resume && args.out.is_none() {
         return Err(Error::invalid("resume", "needs --out (the runs to resume are in OUT/runs/)"));
     }
