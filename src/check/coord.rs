@@ -120,9 +120,28 @@ pub struct QuantityResult {
     pub sem: Vec<f64>,
     pub predicted: Option<Prediction>,
     pub slope: Option<SlopeFit>,
+    /// Finite-size fit `y * x^(-p) = a + b * x^(-c)` of the seed mean compensated by the predicted
+    /// exponent `p` ([`QuantityResult::fit_exponent`]): a limit `a > 0` resolved from zero means the
+    /// prediction holds asymptotically and the deviation of the slope is a correction vanishing like
+    /// `x^(-c)`.
     pub finite_size: Option<PowerLawFit>,
+    /// The exponent `p` the finite-size fit compensates (the exact prediction; 0 without one).
+    #[serde(default)]
+    pub fit_exponent: f64,
+    /// The rate `c` of `finite_size` was fixed at [`RANDOM_PART_RATE`] (the free rate was not resolved)
+    /// rather than fitted.
+    #[serde(default)]
+    pub rate_fixed: bool,
+    /// For `delta.*`: log-log slope of the change per unit initial residual, `delta / sqrt(2 loss.init)`
+    /// per seed (when `loss.init` was measured).
+    #[serde(default)]
+    pub per_residual: Option<SlopeFit>,
     pub verdict: Verdict,
 }
+
+/// Relative size of the random-initialization part of a sum of x independent terms next to its learned
+/// (coherent) part: x^(-1/2). The rate a finite-size fit falls back to when it cannot resolve its own.
+pub const RANDOM_PART_RATE: f64 = 0.5;
 
 /// What a coordinate check was asked to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,7 +222,8 @@ impl CoordResult {
         s
     }
 
-    /// Markdown table: quantity, predicted, measured slope ± err, finite-size fit, verdict.
+    /// Markdown table: quantity, predicted exponent p, measured slope ± err, the compensated finite-size fit
+/// `y x^-p = a + b x^-c` (where its rate is resolved), verdict.
     pub fn table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
@@ -214,7 +234,7 @@ impl CoordResult {
             self.spec.steps,
             self.spec.lr
         ));
-        out.push_str("| quantity | predicted | measured slope | a + b x^-c: a (limit) | c | verdict |\n");
+        out.push_str("| quantity | predicted p | measured slope | y x^-p = a + b x^-c: a (limit) | c (rate) | verdict |\n");
         out.push_str("| --- | --- | --- | --- | --- | --- |\n");
         for q in &self.quantities {
             let pred = match q.predicted {
@@ -222,10 +242,14 @@ impl CoordResult {
                 Some(p) => format!("{:+.2}", p.value),
                 None => "—".into(),
             };
-            let slope = q.slope.map(|s| format!("{:+.3} ± {:.3}", s.slope, s.err)).unwrap_or_else(|| "—".into());
-            let (a, c) = match q.finite_size.filter(identified) {
-                Some(f) => (format!("{:.3e} ± {:.1e}", f.a, f.a_err), format!("{:.2} ± {:.2}", f.c, f.c_err)),
-                None => ("—".into(), "—".into()),
+            let mut slope = q.slope.map(|s| format!("{:+.3} ± {:.3}", s.slope, s.err)).unwrap_or_else(|| "—".into());
+            if let (Some(r), true) = (q.per_residual, q.verdict != Verdict::Agrees) {
+                slope.push_str(&format!(" (per residual {:+.3} ± {:.3})", r.slope, r.err));
+            }
+            let (a, c) = match q.finite_size {
+                Some(f) if q.rate_fixed => (format!("{:.3e} ± {:.1e}", f.a, f.a_err), format!("{:.2} (fixed)", f.c)),
+                Some(f) if identified(&f) => (format!("{:.3e} ± {:.1e}", f.a, f.a_err), format!("{:.2} ± {:.2}", f.c, f.c_err)),
+                _ => ("—".into(), "—".into()),
             };
             out.push_str(&format!("| {} | {} | {} | {} | {} | {} |\n", q.name, pred, slope, a, c, verdict_name(q.verdict)));
         }
@@ -300,6 +324,9 @@ pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Optio
     if let Some(group) = quantity.strip_prefix("grad.") {
         return if scaled { table.row(group).and_then(|r| Prediction::exact(r.grad_rms.get(axis))) } else { None };
     }
+    if let Some(group) = quantity.strip_prefix("grad_init.") {
+        return if scaled { init_grad_slope(spec, group, table).and_then(Prediction::exact) } else { None };
+    }
     // Exponents of the fan-ins along this axis.
     let fan_n = if axis == Axis::Width { 1.0 } else { 0.0 };
     let fan_h = if matches!(axis, Axis::Width | Axis::ExpertHidden) { 1.0 } else { 0.0 };
@@ -355,17 +382,134 @@ pub fn predicted_slope(spec: &CoordSpec, quantity: &str, table: &Table) -> Optio
     }
 }
 
+/// Predicted exponent of a group's gradient RMS at initialization, power-counted from the engine's
+/// init-variance and multiplier exponents like the `act.*` predictions (every sum of F independent random
+/// terms ∝ sqrt(F)). The engine's own `grad_rms` describes the learned regime, where each backward sum is
+/// coherent; at initialization the sums that pair two independent random vectors are not:
+/// - stream gradient per entry `delta_h = (f - y) * w_eff` (Θ(1) residual: `f` vanishes or stays Θ(1));
+/// - readout: `mult * (f - y) * h`; embedding: `mult * delta_h * x` (the blocks' Jacobians are Θ(1));
+/// - expert output gradient `delta_z = beta_L * g * delta_h` with gates `g ∝ 1/k`;
+/// - expert_down: `mult * delta_z * phi(u)`;
+/// - expert_up: `mult * (V^T delta_z) * a`, where `V^T delta_z` sums N terms of random sign:
+///   `sqrt(N) * std_eff(V) * delta_z`;
+/// - router: `mult * beta_L * g * (z_e - m) . delta_h * a`, where the N-term sum pairs the random expert
+///   output `z_e` with the readout direction it is independent of: `sqrt(N) * z_e * delta_h`.
+///
+/// `None` where the power counting does not apply (a missing group; depth without a 1/L branch
+/// multiplier, where growth compounds).
+pub fn init_grad_slope(spec: &CoordSpec, group: &str, table: &Table) -> Option<f64> {
+    let axis = spec.axis;
+    if axis == Axis::Depth && table.residual_exponents.get(axis) == 0.0 {
+        return None;
+    }
+    let fan_n = if axis == Axis::Width { 1.0 } else { 0.0 };
+    let fan_h = if matches!(axis, Axis::Width | Axis::ExpertHidden) { 1.0 } else { 0.0 };
+    let gate = if axis == Axis::Experts { -1.0 } else { 0.0 };
+    let e = |g: &str| table.row(g).map(|r| *r.exponents.get(axis));
+    let eff = |g: &str| e(g).map(|x| 0.5 * x.init_var + x.multiplier);
+    let mult = |g: &str| e(g).map(|x| x.multiplier);
+    let embedding = eff("embedding")?;
+    let expert_pre = embedding + 0.5 * fan_n + eff("expert_up")?;
+    let z = expert_pre + 0.5 * fan_h + eff("expert_down")?;
+    let experts_avg = if axis == Axis::Experts { -0.5 } else { 0.0 };
+    let beta = table.residual_exponents.get(axis);
+    let depth_sum = if axis == Axis::Depth { 0.5 } else { 0.0 };
+    let residual = embedding.max(beta + z + experts_avg + depth_sum);
+    let delta_h = eff("readout")?;
+    let delta_z = beta + gate + delta_h;
+    Some(match group {
+        "readout" | "unembedding" => mult(group)? + residual,
+        "embedding" => mult("embedding")? + delta_h,
+        "expert_down" => mult("expert_down")? + delta_z + expert_pre,
+        "expert_up" => mult("expert_up")? + 0.5 * fan_n + eff("expert_down")? + delta_z + residual,
+        "router" => mult("router")? + beta + gate + 0.5 * fan_n + z + delta_h + residual,
+        _ => return None,
+    })
+}
+
+/// A finite-size fit that supports "the prediction holds asymptotically": a positive limit more than two
+/// standard errors from zero, a resolved rate, and a correction that no longer dominates at the largest
+/// size (|b x_max^(-c)| < a), so a different exponent cannot pass as a slow correction.
+pub fn supports_limit(f: &PowerLawFit, x_max: f64) -> bool {
+    f.a > 0.0 && f.a_nonzero && identified(f) && (f.b * x_max.powf(-f.c)).abs() < f.a
+}
+
+/// The same for a fit at the random-initialization rate: a positive limit resolved from zero, a positive
+/// correction (a random part adds to the RMS in quadrature, so it approaches the limit from above; a
+/// quantity growing towards a limit is not this mechanism) smaller than the limit at the largest size, and
+/// a model the data do not reject (reduced chi^2 below 4).
+fn supports_limit_fixed(f: &PowerLawFit, x_max: f64) -> bool {
+    let chi2_ok = f.dof == 0 || f.rss / f.dof as f64 <= 4.0;
+    f.a > 0.0 && f.a_nonzero && f.b > 0.0 && chi2_ok && (f.b * x_max.powf(-f.c)).abs() < f.a
+}
+
+/// Exponent along `experts` of `sqrt(E sum_{e in S} g_e^2)`, the RMS of an average of independent random
+/// expert outputs weighted by the gates, for router logits that are i.i.d. Gaussian with RMS `logit_rms`
+/// at initialization: top-k selection (k = kappa M) and softmax renormalized over the active set, by Monte
+/// Carlo (`draws` per size, fixed seed). With vanishing logits the gates are 1/k and the exponent is -1/2;
+/// Θ(1) logits (a hidden-like router, SP) concentrate the gates on the largest logits, so the effective
+/// number of averaged experts 1/sum g^2 grows like k only beyond a crossover `~ exp(logit_rms^2)`.
+pub fn gate_average_exponent(values: &[usize], kappa: f64, logit_rms: f64, draws: usize, seed: u64) -> Option<f64> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    if values.len() < 2 || !(logit_rms.is_finite() && logit_rms >= 0.0) || draws == 0 {
+        return None;
+    }
+    let normal = Normal::new(0.0, logit_rms.max(1e-12)).ok()?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut xs = Vec::new();
+    let mut ys = Vec::new();
+    for &m in values {
+        let k = ((m as f64 * kappa).round() as usize).clamp(1, m);
+        let mut sum = 0.0;
+        let mut r = vec![0.0f64; m];
+        for _ in 0..draws {
+            r.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+            r.sort_by(|a, b| b.total_cmp(a));
+            let top = &r[..k];
+            let w: Vec<f64> = top.iter().map(|v| (v - top[0]).exp()).collect();
+            let z: f64 = w.iter().sum();
+            sum += w.iter().map(|v| (v / z).powi(2)).sum::<f64>();
+        }
+        xs.push(m as f64);
+        ys.push((sum / draws as f64).sqrt());
+    }
+    fit::loglog_slope(&xs, &ys).ok().map(|f| f.slope)
+}
+
 /// Fits and judges every quantity. `values[q][seed][size]` are the measurements of `names[q]`; `table`
 /// is the engine's table of the checked preset (for its predicted exponents).
 pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, table: &Table) -> Result<Vec<QuantityResult>> {
     let x: Vec<f64> = spec.values.iter().map(|v| *v as f64).collect();
+    // Initial residual RMS sqrt(2 loss.init) per seed and size, for the per-residual slopes of `delta.*`.
+    let residual0: Option<Vec<Vec<f64>>> = names
+        .iter()
+        .position(|n| n == "loss.init")
+        .map(|i| values[i].iter().map(|s| s.iter().map(|l| (2.0 * l).sqrt()).collect()).collect());
+    // RMS of the router logits at initialization (all seeds and sizes), for the gate-weighted average.
+    let logit_rms: Option<f64> = names.iter().position(|n| n == "act.router_logits").map(|i| {
+        let v: Vec<f64> = values[i].iter().flatten().copied().filter(|v| v.is_finite()).collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    });
     let mut out = Vec::with_capacity(names.len());
     for (name, vals) in names.iter().zip(values) {
         let per_size: Vec<(f64, f64)> =
             (0..x.len()).map(|i| fit::mean_and_sem(&vals.iter().map(|s| s[i]).collect::<Vec<_>>())).collect();
         let mean: Vec<f64> = per_size.iter().map(|p| p.0).collect();
         let sem: Vec<f64> = per_size.iter().map(|p| p.1).collect();
-        let predicted = predicted_slope(spec, name, table);
+        let mut predicted = predicted_slope(spec, name, table);
+        // Along experts the MoE output at init is a gate-weighted average: its exponent is that of
+        // sqrt(sum g^2) at the measured logit scale (-1/2 only when the logits vanish).
+        if let (Axis::Experts, "act.moe_out", Some(rms), Some(p)) = (spec.axis, name.as_str(), logit_rms, predicted.as_mut()) {
+            let kappa = spec.base.active as f64 / spec.base.experts as f64;
+            if let Some(e) = gate_average_exponent(&spec.values, kappa, rms, 4000, 0x6a7e) {
+                p.value = p.value + 0.5 + e;
+            }
+        }
         let positive = vals.iter().all(|s| s.iter().all(|v| v.is_finite() && *v > 0.0));
         let scale = mean.iter().map(|m| m.abs()).fold(0.0, f64::max);
         // Quantities at rounding level (e.g. logits of a zero router, 1e-300-ish) are reported as zero.
@@ -378,12 +522,37 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
                 predicted,
                 slope: None,
                 finite_size: None,
+                fit_exponent: 0.0,
+                rate_fixed: false,
+                per_residual: None,
                 verdict: Verdict::Zero,
             });
             continue;
         }
         let slope = fit::loglog_slope_seeds(&x, &vals, 200, 0x5eed)?;
-        let finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &mean, Some(&sem)).ok() } else { None };
+        // Compensate the predicted exponent, so that the fitted limit is the prefactor of the predicted
+        // power law and the correction is what is left.
+        let p = match predicted {
+            Some(Prediction { value, lower_bound: false }) => value,
+            _ => 0.0,
+        };
+        let comp: Vec<f64> = x.iter().map(|v| v.powf(-p)).collect();
+        let cmean: Vec<f64> = mean.iter().zip(&comp).map(|(m, c)| m * c).collect();
+        let csem: Vec<f64> = sem.iter().zip(&comp).map(|(e, c)| e * c).collect();
+        let mut finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &cmean, Some(&csem)).ok() } else { None };
+        let x_max = x.last().copied().unwrap_or(1.0);
+        let per_residual = match (&residual0, name.starts_with("delta.")) {
+            (Some(r0), true) => {
+                let ratio: Vec<Vec<f64>> = vals.iter().zip(r0).map(|(v, r)| v.iter().zip(r).map(|(a, b)| a / b).collect()).collect();
+                if ratio.iter().all(|s| s.iter().all(|v| v.is_finite() && *v > 0.0)) {
+                    fit::loglog_slope_seeds(&x, &ratio, 200, 0x5eed).ok()
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        let mut rate_fixed = false;
         let verdict = match predicted {
             None => Verdict::Measured,
             Some(Prediction { value, lower_bound: true }) => {
@@ -393,19 +562,45 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
                     Verdict::Disagrees
                 }
             }
-            Some(Prediction { value: p, .. }) => {
-                let d = (slope.slope - p).abs();
-                if d <= spec.tolerance || d <= 2.0 * slope.err {
+            Some(Prediction { value, .. }) => {
+                let close = |s: &SlopeFit| {
+                    let d = (s.slope - value).abs();
+                    d <= spec.tolerance || d <= 2.0 * s.err
+                };
+                if close(&slope) {
                     Verdict::Agrees
-                } else if p == 0.0 && finite_size.is_some_and(|f| f.a_nonzero && f.a > 0.0 && identified(&f))
-                {
+                } else if finite_size.is_some_and(|f| supports_limit(&f, x_max)) {
+                    Verdict::FiniteSize
+                } else if per_residual.as_ref().is_some_and(close) {
+                    // The change per unit initial residual scales as predicted; the residual |f0 - y| tends
+                    // to |y| > 0 as the random initial output f0 vanishes (or stays Θ(1)), so the change does too.
                     Verdict::FiniteSize
                 } else {
-                    Verdict::Disagrees
+                    // The free rate was not resolved: try the random-initialization rate.
+                    match fit::fit_power_correction_fixed_rate(&x, &cmean, Some(&csem), RANDOM_PART_RATE) {
+                        Ok(f) if x.len() >= 4 && supports_limit_fixed(&f, x_max) => {
+                            finite_size = Some(f);
+                            rate_fixed = true;
+                            Verdict::FiniteSize
+                        }
+                        _ => Verdict::Disagrees,
+                    }
                 }
             }
         };
-        out.push(QuantityResult { name: name.clone(), values: vals, mean, sem, predicted, slope: Some(slope), finite_size, verdict });
+        out.push(QuantityResult {
+            name: name.clone(),
+            values: vals,
+            mean,
+            sem,
+            predicted,
+            slope: Some(slope),
+            finite_size,
+            fit_exponent: p,
+            rate_fixed,
+            per_residual,
+            verdict,
+        });
     }
     Ok(out)
 }
@@ -551,6 +746,30 @@ mod tests {
         assert_eq!(r[0].verdict, Verdict::FiniteSize, "{:?}", r[0]);
         let f = r[0].finite_size.unwrap();
         assert!((f.c - 0.5).abs() < 0.05 && (f.a - 0.201).abs() < 0.01, "{f:?}");
+    }
+
+    #[test]
+    fn gate_average_exponent_limits() {
+        let m = [8usize, 16, 32, 64, 128, 256];
+        // Vanishing logits: uniform gates over k = M/4, an average of k experts.
+        let e0 = gate_average_exponent(&m, 0.25, 1e-9, 200, 1).unwrap();
+        assert!((e0 + 0.5).abs() < 1e-6, "{e0}");
+        // Θ(1) logits (SP's hidden-like router): the gates concentrate, the average saturates.
+        let e = gate_average_exponent(&m, 0.25, 2.7, 2000, 1).unwrap();
+        assert!(e > -0.3 && e < -0.1, "{e}");
+        assert_eq!(e, gate_average_exponent(&m, 0.25, 2.7, 2000, 1).unwrap());
+    }
+
+    #[test]
+    fn init_gradient_power_counting() {
+        let s = spec(Axis::Width, vec![64, 128]);
+        let t = table("moe-completep");
+        // Adam: the router's init backward sum pairs independent random vectors: N^(-1/2), not N^0.
+        assert_eq!(init_grad_slope(&s, "router", &t), Some(-0.5));
+        assert_eq!(init_grad_slope(&s, "expert_up", &t), Some(-1.0));
+        assert_eq!(init_grad_slope(&s, "readout", &t), Some(-1.0));
+        let e = spec(Axis::Experts, vec![4, 8]);
+        assert_eq!(init_grad_slope(&e, "router", &t), Some(-1.0));
     }
 
     #[test]

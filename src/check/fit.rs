@@ -187,18 +187,7 @@ impl CostFunction for ProfiledRss<'_> {
 /// scale of the errors is estimated from the residuals. Needs at least 4 sizes.
 pub fn fit_power_correction(x: &[f64], y: &[f64], sigma: Option<&[f64]>) -> Result<PowerLawFit> {
     check_xy(x, y, 4, false)?;
-    let w: Vec<f64> = match sigma {
-        Some(s) => {
-            if s.len() != x.len() {
-                return Err(Error::invalid("fit.sigma", format!("has {} values for {} sizes", s.len(), x.len())));
-            }
-            // A zero seed spread (e.g. a deterministic quantity) would give infinite weight; floor it
-            // at a small fraction of the data's scale.
-            let scale = y.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-300);
-            s.iter().map(|v| 1.0 / v.abs().max(1e-6 * scale).powi(2)).collect()
-        }
-        None => vec![1.0; x.len()],
-    };
+    let w = weights(x, y, sigma)?;
     // A grid first: the profiled residual can have several local minima in c.
     let grid = 80;
     let (lo, hi) = RATE_RANGE;
@@ -258,6 +247,50 @@ pub fn fit_power_correction(x: &[f64], y: &[f64], sigma: Option<&[f64]>) -> Resu
         }
     };
     Ok(PowerLawFit { a, b, c, a_err, b_err, c_err, rss, dof, a_nonzero: a.abs() > 2.0 * a_err })
+}
+
+/// Fits `y = a + b * x^(-c)` with the rate `c` fixed (by a mechanism, e.g. the random-initialization part
+/// of a sum of x independent terms, relative size x^(-1/2)): a weighted linear fit for `(a, b)`. Errors
+/// come from the 2x2 covariance, inflated by the reduced chi^2 when the model fits worse than `sigma`
+/// allows; `c_err` is 0 and `dof` is points - 2. Needs at least 3 sizes.
+pub fn fit_power_correction_fixed_rate(x: &[f64], y: &[f64], sigma: Option<&[f64]>, c: f64) -> Result<PowerLawFit> {
+    check_xy(x, y, 3, false)?;
+    if !(c.is_finite() && c > 0.0) {
+        return Err(Error::invalid("fit.rate", "must be finite and positive"));
+    }
+    let w = weights(x, y, sigma)?;
+    let (a, b, rss) = profile(x, y, &w, c);
+    let dof = x.len() - 2;
+    let mut ata = Matrix2::zeros();
+    for i in 0..x.len() {
+        let row = Vector2::new(1.0, x[i].powf(-c));
+        ata += w[i] * row * row.transpose();
+    }
+    let reduced = rss / dof as f64;
+    let scale = if sigma.is_some() { reduced.max(1.0) } else { reduced };
+    let (a_err, b_err) = match ata.try_inverse() {
+        Some(cov) => {
+            let cov = cov * scale;
+            (cov[(0, 0)].max(0.0).sqrt(), cov[(1, 1)].max(0.0).sqrt())
+        }
+        None => (f64::INFINITY, f64::INFINITY),
+    };
+    Ok(PowerLawFit { a, b, c, a_err, b_err, c_err: 0.0, rss, dof, a_nonzero: a.abs() > 2.0 * a_err })
+}
+
+fn weights(x: &[f64], y: &[f64], sigma: Option<&[f64]>) -> Result<Vec<f64>> {
+    Ok(match sigma {
+        Some(s) => {
+            if s.len() != x.len() {
+                return Err(Error::invalid("fit.sigma", format!("has {} values for {} sizes", s.len(), x.len())));
+            }
+            // A zero seed spread (e.g. a deterministic quantity) would give infinite weight; floor it
+            // at a small fraction of the data's scale.
+            let scale = y.iter().map(|v| v.abs()).fold(0.0, f64::max).max(1e-300);
+            s.iter().map(|v| 1.0 / v.abs().max(1e-6 * scale).powi(2)).collect()
+        }
+        None => vec![1.0; x.len()],
+    })
 }
 
 /// Mean and standard error over seeds.
@@ -354,6 +387,19 @@ mod tests {
         let f = fit_power_correction(&x, &y, Some(&[1e-3; 5])).unwrap();
         assert!(f.a.abs() < 1e-3 && !f.a_nonzero, "{f:?}");
         assert!((f.c - 0.5).abs() < 1e-3, "{f:?}");
+    }
+
+    #[test]
+    fn fixed_rate_fit_recovers_limit() {
+        let x = [16.0, 32.0, 64.0, 128.0, 256.0];
+        let y: Vec<f64> = x.iter().map(|v: &f64| 0.3 + 0.9 * v.powf(-0.5)).collect();
+        let f = fit_power_correction_fixed_rate(&x, &y, Some(&[1e-3; 5]), 0.5).unwrap();
+        assert!((f.a - 0.3).abs() < 1e-9 && (f.b - 0.9).abs() < 1e-9 && f.a_nonzero && f.dof == 3, "{f:?}");
+        // A pure power law has no limit at the fixed rate it decays with.
+        let y: Vec<f64> = x.iter().map(|v: &f64| 2.0 * v.powf(-0.5)).collect();
+        let f = fit_power_correction_fixed_rate(&x, &y, Some(&[1e-3; 5]), 0.5).unwrap();
+        assert!(f.a.abs() < 1e-9 && !f.a_nonzero, "{f:?}");
+        assert!(fit_power_correction_fixed_rate(&x, &y, None, 0.0).is_err());
     }
 
     #[test]

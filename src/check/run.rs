@@ -215,17 +215,56 @@ fn rms_diff(a: &[f64], b: &[f64]) -> f64 {
 /// Groups whose gradient RMS is recorded (in this order; `norm` only with a norm).
 const GRAD_GROUPS: [Group; 6] = [Group::Embedding, Group::Router, Group::ExpertUp, Group::ExpertDown, Group::Norm, Group::Readout];
 
-/// Names of the recorded quantities, in the order [`measure`] returns them.
+/// Names of the recorded quantities, in the order [`measure`] returns them: `act.*` (RMS at
+/// initialization), `delta.*` (RMS change after the steps), `grad.*` (gradient RMS per group at the
+/// trained parameters, after the last step: the regime the engine's `grad_rms` and Adam epsilon describe),
+/// `grad_init.*` (the same at initialization, step 0), `loss.init`, `loss.final`. Gradient RMS is per unit
+/// RMS residual `sqrt(2 loss)` at the same parameters (see [`per_residual`]); the raw RMS is that times
+/// `sqrt(2 loss.init)` or `sqrt(2 loss.final)`.
 pub fn quantity_names(norm: bool) -> Vec<String> {
     let mut v: Vec<String> = ["embedding", "router_logits", "expert_pre", "moe_out", "residual", "output"]
         .iter()
         .map(|f| format!("act.{f}"))
         .collect();
     v.extend(["router_logits", "expert_pre", "moe_out", "residual", "output"].iter().map(|f| format!("delta.{f}")));
-    v.extend(GRAD_GROUPS.iter().filter(|g| norm || **g != Group::Norm).map(|g| format!("grad.{}", g.name())));
+    for prefix in ["grad", "grad_init"] {
+        v.extend(GRAD_GROUPS.iter().filter(|g| norm || **g != Group::Norm).map(|g| format!("{prefix}.{}", g.name())));
+    }
     v.push("loss.init".into());
     v.push("loss.final".into());
     v
+}
+
+/// RMS of the gradient entries of each recorded group (NaN for a group the model lacks).
+fn group_grad_rms(model: &MoeResNet<f64>, grads: &[ndarray::ArrayD<f64>], norm: bool) -> Vec<f64> {
+    GRAD_GROUPS
+        .iter()
+        .filter(|g| norm || **g != Group::Norm)
+        .map(|g| {
+            let (mut s, mut c) = (0.0, 0usize);
+            for (p, gr) in model.store().params.iter().zip(grads) {
+                if p.group == *g {
+                    s += gr.iter().map(|v| v * v).sum::<f64>();
+                    c += gr.len();
+                }
+            }
+            if c == 0 {
+                f64::NAN
+            } else {
+                (s / c as f64).sqrt()
+            }
+        })
+        .collect()
+}
+
+/// Gradient RMS per unit RMS residual: for the squared loss every gradient is `J^T (f - y) / P`, linear
+/// in the residual, whose size at a given step says how far training has got (it shrinks with depth or
+/// experts when bigger networks fit faster, and at initialization it carries the random output `f`);
+/// the parameterization sets the scaling of `J`, which is what the engine's `grad_rms` exponents (and
+/// Adam epsilon relative to the gradient at a given loss) describe. `loss = mean (f - y)^2 / 2`.
+fn per_residual(rms: Vec<f64>, loss: f64) -> Vec<f64> {
+    let r = (2.0 * loss).sqrt();
+    rms.into_iter().map(|g| if r.is_finite() && r > 0.0 { g / r } else { f64::NAN }).collect()
 }
 
 /// One network at `sizes` with model seed `seed`: the quantities of [`quantity_names`], in order. A run
@@ -244,23 +283,14 @@ pub fn measure(setup: &CoordSetup, sizes: &Sizes, seed: u64) -> Result<Vec<f64>>
         Optimizer::Sgd => Box::new(Sgd::new(model.store(), &hp)?),
         Optimizer::Adam => Box::new(AdamW::new(model.store(), &hp, setup.adam_betas.0, setup.adam_betas.1)?),
     };
-    let mut grads_rms = Vec::new();
+    let mut grads_init = Vec::new();
     let mut loss_init = f64::NAN;
     let mut diverged = false;
     for step in 0..setup.spec.steps {
         let out = model.loss_and_grad(&batch, &mut route_rng)?;
         if step == 0 {
             loss_init = out.loss;
-            for g in GRAD_GROUPS.iter().filter(|g| setup.norm || **g != Group::Norm) {
-                let (mut s, mut c) = (0.0, 0usize);
-                for (p, gr) in model.store().params.iter().zip(&out.grads) {
-                    if p.group == *g {
-                        s += gr.iter().map(|v| v * v).sum::<f64>();
-                        c += gr.len();
-                    }
-                }
-                grads_rms.push(if c == 0 { f64::NAN } else { (s / c as f64).sqrt() });
-            }
+            grads_init = per_residual(group_grad_rms(&model, &out.grads, setup.norm), out.loss);
         }
         if !out.loss.is_finite() {
             diverged = true;
@@ -269,7 +299,14 @@ pub fn measure(setup: &CoordSetup, sizes: &Sizes, seed: u64) -> Result<Vec<f64>>
         opt.step(model.store_mut(), &out.grads, 1.0)?;
         model.after_step(&out.load);
     }
-    let (loss_final, _) = model.forward(&batch, &mut route_rng)?;
+    // The gradient at the trained parameters: the one Adam's epsilon competes with late in training.
+    let (loss_final, grads_last) = if diverged {
+        (f64::NAN, vec![f64::NAN; grads_init.len()])
+    } else {
+        let last = model.loss_and_grad(&batch, &mut route_rng)?;
+        let g = per_residual(group_grad_rms(&model, &last.grads, setup.norm), last.loss);
+        (last.loss, g)
+    };
     let after = probe_resnet(&model, &task.x, &mut ChaCha8Rng::seed_from_u64(probe_seed))?;
     let mut v: Vec<f64> = before.fields.iter().map(|(_, a)| rms(a)).collect();
     for name in ["router_logits", "expert_pre", "moe_out", "residual", "output"] {
@@ -279,7 +316,8 @@ pub fn measure(setup: &CoordSetup, sizes: &Sizes, seed: u64) -> Result<Vec<f64>>
         };
         v.push(d);
     }
-    v.extend(grads_rms);
+    v.extend(grads_last);
+    v.extend(grads_init);
     v.push(loss_init);
     v.push(if diverged { f64::NAN } else { loss_final });
     Ok(v)
