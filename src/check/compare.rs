@@ -163,7 +163,8 @@ pub struct FiniteRun {
     /// (T+1) losses.
     #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub loss: Vec<f64>,
-    /// Final residual-stream kernel <h_L, h_L>/N, row-major P x P.
+    /// Final residual-stream kernel <h_L, h_L>/N, row-major P x P (left empty, with `thresholds`, in a
+    /// `compare.json` written next to a `runs/` folder, which holds each run's full record).
     #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub kernel: Vec<f64>,
     /// Final routing threshold of the last block per sample: midpoint of the k-th and (k+1)-th largest

@@ -89,6 +89,15 @@ pub fn run(args: Args) -> Result<()> {
     let table = r.table();
     println!("{table}");
     if let Some(dir) = &args.out {
+        // Each run's full record (final kernel, thresholds) is in runs/; compare.json keeps the per-run
+        // loss curves and loads (what the gap estimators use) so it stays small at hundreds of runs.
+        let mut r = r;
+        for s in r.sizes.iter_mut() {
+            for run in s.runs.iter_mut() {
+                run.kernel.clear();
+                run.thresholds.clear();
+            }
+        }
         super::coord_check::write_json(&dir.join("compare.json"), &r)?;
         std::fs::write(dir.join("table.md"), &table)
             .map_err(|source| Error::Write { path: dir.join("table.md"), source })?;
