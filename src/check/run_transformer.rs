@@ -32,7 +32,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::coord::{analyze, identified, CoordResult, CoordSpec, Prediction, QuantityResult, RouterInit, Verdict};
+use super::coord::{analyze, supports_limit, CoordResult, CoordSpec, Prediction, QuantityResult, RouterInit, Verdict, RANDOM_PART_RATE};
+use super::fit::{self, SlopeFit};
 use super::run::Activations;
 use crate::data::text::{random_windows, Corpus};
 use crate::model::attention::{attention_forward, par_matmul_scaled, AttentionConfig, AttentionWeights};
@@ -342,19 +343,23 @@ pub const GRAD_GROUPS: [Group; 8] = [
 pub const DELTA_FIELDS: [&str; 8] = ["embedding", "attn_logits", "attn_out", "router_logits", "expert_pre", "moe_out", "residual", "output"];
 
 /// Names of the recorded quantities, in the order [`measure_transformer`] returns them: `act.*` at
-/// initialization, `delta.*` after the steps, `grad.*` at step 0, `grad_last.*` at the last step (the
-/// gradient the last update used), the step-0 gradient RMS of group `norm` split into the gains inside
-/// the blocks (`grad_blocks.norm`, on the residual branches) and the final norm's gain (`grad_final.norm`,
-/// outside them), `loss.init`, `loss.final`.
+/// initialization, `delta.*` after the steps, `grad.*` gradient RMS per group at the last step (the
+/// gradient the last update used: the learned regime the engine's `grad_rms` and Adam epsilon describe),
+/// `grad_init.*` the same at step 0 (the ResNet check's convention), the last-step gradient RMS of group
+/// `norm` split into the gains inside the blocks (`grad_blocks.norm`, on the residual branches) and the
+/// final norm's gain (`grad_final.norm`, outside them), and the cross-entropy before and after the steps
+/// (`loss_ce.init`, `loss_ce.final`; not `loss.*`, which the shared analysis reads as a squared loss to
+/// form per-residual slopes). Gradients are raw RMS, not per unit residual: cross-entropy has no residual.
 pub fn quantity_names() -> Vec<String> {
     let mut v: Vec<String> = FIELDS.iter().map(|f| format!("act.{f}")).collect();
     v.extend(DELTA_FIELDS.iter().map(|f| format!("delta.{f}")));
-    v.extend(GRAD_GROUPS.iter().map(|g| format!("grad.{}", g.name())));
-    v.extend(GRAD_GROUPS.iter().map(|g| format!("grad_last.{}", g.name())));
+    for prefix in ["grad", "grad_init"] {
+        v.extend(GRAD_GROUPS.iter().map(|g| format!("{prefix}.{}", g.name())));
+    }
     v.push("grad_blocks.norm".into());
     v.push("grad_final.norm".into());
-    v.push("loss.init".into());
-    v.push("loss.final".into());
+    v.push("loss_ce.init".into());
+    v.push("loss_ce.final".into());
     v
 }
 
@@ -402,11 +407,6 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
         if step == 0 {
             loss_init = out.loss;
             grad_first = group_rms(&model, &out.grads);
-            // The engine describes `norm` as a residual-branch group; the final norm is not in a branch.
-            norm_split = [
-                grad_rms(&model, &out.grads, |p| p.group == Group::Norm && p.name.starts_with("blocks.")),
-                grad_rms(&model, &out.grads, |p| p.name == "final_norm"),
-            ];
         }
         if !out.loss.is_finite() {
             diverged = true;
@@ -414,6 +414,11 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
         }
         if step + 1 == setup.spec.steps {
             grad_last = group_rms(&model, &out.grads);
+            // The engine describes `norm` as a residual-branch group; the final norm is not in a branch.
+            norm_split = [
+                grad_rms(&model, &out.grads, |p| p.group == Group::Norm && p.name.starts_with("blocks.")),
+                grad_rms(&model, &out.grads, |p| p.name == "final_norm"),
+            ];
         }
         opt.step(model.store_mut(), &out.grads, 1.0)?;
         model.after_step(&out.load);
@@ -427,8 +432,8 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
             _ => f64::NAN,
         });
     }
-    v.extend(grad_first);
     v.extend(grad_last);
+    v.extend(grad_first);
     v.extend(norm_split);
     v.push(loss_init);
     v.push(if diverged || !loss_final.is_finite() { f64::NAN } else { loss_final });
@@ -460,8 +465,12 @@ pub fn measure_transformer(setup: &TransformerCoordSetup, sizes: &Sizes, seed: u
 /// Changes: along width at a preset that leaves width at SP, under Adam, the attention projections have
 /// fan-in N and Θ(lr) steps per entry, so the attention output and the logits (whose query change aligns
 /// with the keys) change at least like N^(1/2) (lower bound, like the ResNet's router and expert checks).
-/// `grad_last.*` carries the engine's `grad_rms` exponent, like `grad.*`: the gradient scale the
-/// parameterization sets (and Adam's epsilon assumes) should hold through training, not only at step 0.
+/// Gradients: `grad.*` (last step) keeps the engine's `grad_rms` exponent from [`analyze`]. `grad_init.*`
+/// (step 0) carries the same exponent, replacing the ResNet's init power counting (which knows neither
+/// attention nor the pre-norm): backward fields through the normalized hidden layers are the same at
+/// initialization as after a few steps, except for the router, whose gradient pairs each expert's random
+/// output with the backward field over N coordinates; at initialization the two are independent, so the
+/// sum grows like sqrt(N) instead of N: one half below the engine's exponent along width.
 /// `grad_blocks.norm` (gains inside the blocks) carries the `norm` group's exponent; `grad_final.norm`
 /// (the final norm's gain, read only by the unembedding) the same except Θ(1) along depth, since no
 /// 1/L branch multiplier sits between it and the loss. The group RMS `grad.norm` mixes both: its depth
@@ -470,8 +479,13 @@ pub fn transformer_prediction(spec: &CoordSpec, quantity: &str, table: &Table) -
     let axis = spec.axis;
     let scaled = crate::param::presets::Preset::by_name(&spec.preset).map(|p| p.scales(axis)).unwrap_or(false);
     let exact = |value: f64| Some(Some(Prediction { value, lower_bound: false }));
-    if let Some(group) = quantity.strip_prefix("grad_last.") {
-        return Some(if scaled { table.row(group).map(|r| Prediction { value: r.grad_rms.get(axis), lower_bound: false }) } else { None });
+    if let Some(group) = quantity.strip_prefix("grad_init.") {
+        let router_random = if group == "router" && axis == Axis::Width { -0.5 } else { 0.0 };
+        return Some(if scaled {
+            table.row(group).map(|r| Prediction { value: r.grad_rms.get(axis) + router_random, lower_bound: false })
+        } else {
+            None
+        });
     }
     if quantity == "grad_blocks.norm" {
         return Some(if scaled { table.row("norm").map(|r| Prediction { value: r.grad_rms.get(axis), lower_bound: false }) } else { None });
@@ -524,15 +538,33 @@ pub fn transformer_prediction(spec: &CoordSpec, quantity: &str, table: &Table) -
     }
 }
 
-/// Re-judges `q` against `predicted` with the rule of [`analyze`] (within the tolerance or two standard
-/// errors; lower bounds met up to the same slack; a Θ(1) prediction off in slope but with an identified
-/// non-zero finite-size limit is a finite-size correction).
+/// Re-judges `q` against `predicted` with the rule of [`analyze`], which this mirrors (keep the two in
+/// step): within the tolerance or two standard errors; lower bounds met up to the same slack; an exact
+/// prediction missed by the slope is a finite-size correction when the fit `y x^(-p) = a + b x^(-c)`
+/// (refitted here with this `p`) supports a positive limit, with the free rate or else the
+/// random-initialization rate 1/2. (The ResNet's per-residual rescue does not apply: no squared loss.)
 fn rejudge(spec: &CoordSpec, q: &mut QuantityResult, predicted: Option<Prediction>) {
     q.predicted = predicted;
     if q.verdict == Verdict::Zero {
         return;
     }
     let Some(slope) = q.slope else { return };
+    let x: Vec<f64> = spec.values.iter().map(|v| *v as f64).collect();
+    let x_max = x.last().copied().unwrap_or(1.0);
+    let p = match predicted {
+        Some(Prediction { value, lower_bound: false }) => value,
+        _ => 0.0,
+    };
+    let comp: Vec<f64> = x.iter().map(|v| v.powf(-p)).collect();
+    let cmean: Vec<f64> = q.mean.iter().zip(&comp).map(|(m, c)| m * c).collect();
+    let csem: Vec<f64> = q.sem.iter().zip(&comp).map(|(e, c)| e * c).collect();
+    q.fit_exponent = p;
+    q.rate_fixed = false;
+    q.finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &cmean, Some(&csem)).ok() } else { None };
+    let close = |s: &SlopeFit, value: f64| {
+        let d = (s.slope - value).abs();
+        d <= spec.tolerance || d <= 2.0 * s.err
+    };
     q.verdict = match predicted {
         None => Verdict::Measured,
         Some(Prediction { value, lower_bound: true }) => {
@@ -542,14 +574,20 @@ fn rejudge(spec: &CoordSpec, q: &mut QuantityResult, predicted: Option<Predictio
                 Verdict::Disagrees
             }
         }
-        Some(Prediction { value: p, .. }) => {
-            let d = (slope.slope - p).abs();
-            if d <= spec.tolerance || d <= 2.0 * slope.err {
+        Some(Prediction { value, .. }) => {
+            if close(&slope, value) {
                 Verdict::Agrees
-            } else if p == 0.0 && q.finite_size.is_some_and(|f| f.a_nonzero && f.a > 0.0 && identified(&f)) {
+            } else if q.finite_size.is_some_and(|f| supports_limit(&f, x_max)) {
                 Verdict::FiniteSize
             } else {
-                Verdict::Disagrees
+                match fit::fit_power_correction_fixed_rate(&x, &cmean, Some(&csem), RANDOM_PART_RATE) {
+                    Ok(f) if x.len() >= 4 && f.a > 0.0 && f.a_nonzero && f.b > 0.0 && (f.dof == 0 || f.rss / f.dof as f64 <= 4.0) && (f.b * x_max.powf(-f.c)).abs() < f.a => {
+                        q.finite_size = Some(f);
+                        q.rate_fixed = true;
+                        Verdict::FiniteSize
+                    }
+                    _ => Verdict::Disagrees,
+                }
             }
         }
     };
@@ -699,10 +737,10 @@ mod tests {
         let names = quantity_names();
         assert_eq!(a.len(), names.len());
         let get = |n: &str| a[names.iter().position(|x| x == n).unwrap()];
-        for q in ["delta.attn_out", "delta.attn_logits", "delta.expert_pre", "grad.attn_qkv", "grad_last.attn_out"] {
+        for q in ["delta.attn_out", "delta.attn_logits", "delta.expert_pre", "grad.attn_qkv", "grad_init.attn_out", "grad_final.norm"] {
             assert!(get(q) > 0.0 && get(q).is_finite(), "{q} = {}", get(q));
         }
-        assert!(get("loss.final") < get("loss.init"));
+        assert!(get("loss_ce.final") < get("loss_ce.init"));
     }
 
     #[test]
