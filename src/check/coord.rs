@@ -104,6 +104,8 @@ pub enum Verdict {
     Measured,
     /// The quantity is zero (e.g. router logits of a zero-initialized router): nothing to fit.
     Zero,
+    /// A run diverged (non-finite values at some size and seed): nothing to fit.
+    Diverged,
 }
 
 /// The measurement and fits of one quantity along the axis.
@@ -278,6 +280,7 @@ pub fn verdict_name(v: Verdict) -> &'static str {
         Verdict::Disagrees => "DISAGREES",
         Verdict::Measured => "measured",
         Verdict::Zero => "zero",
+        Verdict::Diverged => "diverged (NaN)",
     }
 }
 
@@ -513,6 +516,7 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
         let positive = vals.iter().all(|s| s.iter().all(|v| v.is_finite() && *v > 0.0));
         let scale = mean.iter().map(|m| m.abs()).fold(0.0, f64::max);
         // Quantities at rounding level (e.g. logits of a zero router, 1e-300-ish) are reported as zero.
+        let finite = vals.iter().all(|s| s.iter().all(|v| v.is_finite()));
         if !positive || scale < 1e-12 {
             out.push(QuantityResult {
                 name: name.clone(),
@@ -525,7 +529,7 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
                 fit_exponent: 0.0,
                 rate_fixed: false,
                 per_residual: None,
-                verdict: Verdict::Zero,
+                verdict: if finite { Verdict::Zero } else { Verdict::Diverged },
             });
             continue;
         }
