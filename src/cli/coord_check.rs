@@ -1,16 +1,22 @@
-//! `moe-dmft coord-check`: coordinate checks of the MoE-ResNet along one axis or all four, for any preset
-//! and SGD or Adam, plus the router-initialization ablation; prints Markdown tables and writes one JSON
-//! result per check (the input of `moe-dmft figures` and of validation/REPORT.md).
+//! `moe-dmft coord-check`: coordinate checks of the MoE-ResNet (default) or the MoE-Transformer
+//! (`--model transformer`, attention groups included) along one axis or all four, for any preset and SGD
+//! or Adam, plus the router-initialization ablation; prints Markdown tables and writes one JSON result per
+//! check (the input of `moe-dmft figures` and of validation/REPORT.md).
 
 use std::path::PathBuf;
 
 use crate::check::coord::{CoordResult, CoordSpec, RouterInit};
 use crate::check::run::{run_coord, CoordSetup};
+use crate::check::run_transformer::{self, TransformerCoordSetup};
 use crate::param::{Axis, Form, Optimizer, Sizes};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// resnet (the MoE-ResNet on a teacher task) or transformer (the MoE-Transformer on a seeded
+    /// Markov token sequence: attention, router and expert groups).
+    #[arg(long, default_value = "resnet")]
+    pub model: String,
     /// width, depth, experts, expert_hidden, or all.
     #[arg(long, default_value = "all")]
     pub axis: String,
@@ -189,25 +195,69 @@ pub fn result_file(r: &CoordResult) -> String {
 
 pub use crate::files::write_json;
 
+/// Which model a check runs on.
+enum Check {
+    ResNet(CoordSetup),
+    Transformer(TransformerCoordSetup),
+}
+
+/// The checks this invocation asks for: [`setups`], on the model `--model` names.
+fn checks(args: &Args) -> Result<Vec<Check>> {
+    match args.model.as_str() {
+        "resnet" => Ok(setups(args)?.into_iter().map(Check::ResNet).collect()),
+        "transformer" => {
+            // The transformer is pre-norm in standard form and has its own token task.
+            if args.norm {
+                return Err(Error::invalid("norm", "the transformer always has its pre-norms; --norm is for the resnet"));
+            }
+            if args.mean_field {
+                return Err(Error::invalid("mean_field", "the mean-field form is checked on the resnet only"));
+            }
+            setups(args)?
+                .into_iter()
+                .map(|s| {
+                    let mut t = TransformerCoordSetup::new(s.spec);
+                    t.sigma_router = args.sigma_router;
+                    t.validate()?;
+                    Ok(Check::Transformer(t))
+                })
+                .collect()
+        }
+        other => Err(Error::invalid("model", format!("unknown model `{other}`; expected resnet or transformer"))),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let setups = setups(&args)?;
+    let checks = checks(&args)?;
     let mut tables = String::new();
     let mut results = Vec::new();
-    for setup in &setups {
-        let r = run_coord(setup)?;
-        let t = r.table();
+    for check in &checks {
+        let (r, file, t) = match check {
+            Check::ResNet(setup) => {
+                let r = run_coord(setup)?;
+                let (file, t) = (result_file(&r), r.table());
+                (r, file, t)
+            }
+            Check::Transformer(setup) => {
+                let r = run_transformer::run_coord_transformer(setup)?;
+                let (file, t) = (run_transformer::result_file(&r), run_transformer::table_markdown(&r));
+                (r, file, t)
+            }
+        };
         if !args.json {
             println!("{t}");
         }
         tables.push_str(&t);
         tables.push('\n');
         if let Some(dir) = &args.out {
-            write_json(&dir.join(result_file(&r)), &r)?;
+            write_json(&dir.join(file), &r)?;
         }
         results.push(r);
     }
     if let Some(dir) = &args.out {
-        let path = dir.join(if args.ablation { "tables_ablation.md" } else { "tables.md" });
+        let prefix = if args.model == "transformer" { "transformer_" } else { "" };
+        let name = if args.ablation { "tables_ablation.md" } else { "tables.md" };
+        let path = dir.join(format!("{prefix}{name}"));
         std::fs::write(&path, tables).map_err(|source| Error::Write { path, source })?;
     }
     if args.json {

@@ -82,7 +82,7 @@ fn preset_color(p: &str) -> usize {
 }
 
 /// Every coordinate-check result under `dir` split by model: the MoE-ResNet's (`coord-check`) and the
-/// MoE-Transformer's (files `transformer_*.json`, written by `examples/coord_transformer`).
+/// MoE-Transformer's (files `transformer_*.json`, written by `moe-dmft coord-check --model transformer`).
 pub fn load_coord_split(dir: &Path) -> Result<(Vec<CoordResult>, Vec<CoordResult>)> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect(),
@@ -344,7 +344,7 @@ pub fn report(
                 let (label, why) = if is_transformer {
                     (
                         format!("transformer {}", r.label()),
-                        "MoE-Transformer check (examples/coord_transformer): the verdict and fit are on this line; its mechanism is not analysed in this report".to_string(),
+                        "MoE-Transformer check (coord-check --model transformer): the verdict and fit are on this line; its mechanism is not analysed in this report".to_string(),
                     )
                 } else {
                     (r.label(), explanation(r, q))
@@ -367,7 +367,7 @@ pub fn report(
         s.push('\n');
     }
     if !transformer.is_empty() {
-        s.push_str("## MoE-Transformer coordinate checks (examples/coord_transformer)\n\n");
+        s.push_str("## MoE-Transformer coordinate checks (`coord-check --model transformer`)\n\n");
         for r in transformer {
             s.push_str("### transformer ");
             s.push_str(&r.table());
