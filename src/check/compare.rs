@@ -216,6 +216,10 @@ pub struct SizeSummary {
     /// ||K_finite - K_dmft||_F / ||K_dmft||_F of the final residual kernel.
     #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub kernel_gap: f64,
+    /// Noise floor of `kernel_gap`: sqrt(sum_ij se_ij^2) / ||K_dmft||_F, se_ij the standard error over
+    /// seed groups of the mean kernel entry. A `kernel_gap` near it is seed noise, not a bias.
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub kernel_noise: f64,
     /// RMS over samples of q_finite - q_dmft at the final step.
     #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub threshold_gap: f64,
@@ -671,6 +675,7 @@ fn summarize_size(s: &Sizes, runs: Vec<FiniteRun>, group: usize, dmft: &DmftSumm
         (0..n).map(|j| runs.iter().map(|r| f(r)[j]).sum::<f64>() / runs.len() as f64).collect()
     };
     let kernel = mean_of(&|r| &r.kernel);
+    let kernel_noise = kernel_noise(&runs, group, &dmft.kernel);
     let thresholds = mean_of(&|r| &r.thresholds);
     let load_quantiles = mean_of(&|r| &r.load_quantiles);
     let per_group_gaps: Vec<f64> = curves.iter().map(|c| loss_gap(c, &dmft.loss)).collect();
@@ -716,6 +721,7 @@ fn summarize_size(s: &Sizes, runs: Vec<FiniteRun>, group: usize, dmft: &DmftSumm
         gap_sq_err: g2_err,
         variance_ratio,
         kernel_gap: rel_fro(&kernel, &dmft.kernel),
+        kernel_noise,
         threshold_gap,
         load_gap,
         loss_mean,
@@ -723,6 +729,26 @@ fn summarize_size(s: &Sizes, runs: Vec<FiniteRun>, group: usize, dmft: &DmftSumm
         load_quantiles,
         runs,
     }
+}
+
+/// sqrt(sum_ij se_ij^2) / ||K_dmft||_F: the expected `kernel_gap` of a mean kernel with no bias at all
+/// (se_ij over the means of groups of `group` runs). NaN with fewer than 2 groups or no kernels.
+fn kernel_noise(runs: &[FiniteRun], group: usize, dmft_kernel: &[f64]) -> f64 {
+    let groups: Vec<Vec<f64>> = runs
+        .chunks(group)
+        .map(|c| (0..c[0].kernel.len()).map(|j| c.iter().map(|r| r.kernel[j]).sum::<f64>() / c.len() as f64).collect())
+        .collect();
+    if groups.len() < 2 || groups[0].is_empty() || groups[0].len() != dmft_kernel.len() {
+        return f64::NAN;
+    }
+    let se2: f64 = (0..dmft_kernel.len())
+        .map(|j| {
+            let se = fit::mean_and_sem(&groups.iter().map(|g| g[j]).collect::<Vec<_>>()).1;
+            se * se
+        })
+        .sum();
+    let norm2: f64 = dmft_kernel.iter().map(|k| k * k).sum();
+    (se2 / norm2.max(1e-300)).sqrt()
 }
 
 fn var(v: &[f64]) -> f64 {
@@ -863,11 +889,11 @@ impl CompareResult {
             self.spec.antithetic.variants().len(),
             self.spec.antithetic.name()
         ));
-        out.push_str("| N | M | k | n | groups | final loss | loss gap | kernel gap | threshold gap | load gap |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        out.push_str("| N | M | k | n | groups | final loss | loss gap | kernel gap (noise floor) | threshold gap | load gap |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for s in &self.sizes {
             let z = &s.sizes;
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {:.5} ± {:.5} | {:.4} ± {:.4} | {:.4} | {:.4} | {:.3} |\n",
+                "| {} | {} | {} | {} | {} | {:.5} ± {:.5} | {:.4} ± {:.4} | {:.4} ({:.4}) | {:.4} | {:.3} |\n",
                 z.width,
                 z.experts,
                 z.active,
@@ -878,6 +904,7 @@ impl CompareResult {
                 s.loss_gap,
                 s.loss_gap_sem,
                 s.kernel_gap,
+                s.kernel_noise,
                 s.threshold_gap,
                 s.load_gap
             ));
