@@ -480,6 +480,73 @@ pub fn gate_average_exponent(values: &[usize], kappa: f64, logit_rms: f64, draws
     fit::loglog_slope(&xs, &ys).ok().map(|f| f.slope)
 }
 
+/// A quantity's verdict against its prediction, with the finite-size fit behind it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Judgement {
+    pub finite_size: Option<PowerLawFit>,
+    /// The predicted exponent p compensated in the fit `y x^-p = a + b x^-c` (0 without an exact prediction).
+    pub fit_exponent: f64,
+    /// The fit's rate was fixed at [`RANDOM_PART_RATE`] because the free rate was not resolved.
+    pub rate_fixed: bool,
+    pub verdict: Verdict,
+}
+
+/// Judges the seed means `mean` (± `sem`) at `spec.values`, with log-log `slope` and, for changes, the
+/// slope per unit initial residual, against `predicted`: agreement within the tolerance (or two standard
+/// errors), else a finite-size correction when the compensated fit supports the predicted limit (free
+/// rate first, then the random-initialization rate), else a disagreement. Shared by every model's check.
+pub fn judge(spec: &CoordSpec, mean: &[f64], sem: &[f64], slope: &SlopeFit, per_residual: Option<&SlopeFit>, predicted: Option<Prediction>) -> Judgement {
+    let x: Vec<f64> = spec.values.iter().map(|v| *v as f64).collect();
+    // Compensate the predicted exponent, so that the fitted limit is the prefactor of the predicted
+    // power law and the correction is what is left.
+    let p = match predicted {
+        Some(Prediction { value, lower_bound: false }) => value,
+        _ => 0.0,
+    };
+    let comp: Vec<f64> = x.iter().map(|v| v.powf(-p)).collect();
+    let cmean: Vec<f64> = mean.iter().zip(&comp).map(|(m, c)| m * c).collect();
+    let csem: Vec<f64> = sem.iter().zip(&comp).map(|(e, c)| e * c).collect();
+    let mut finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &cmean, Some(&csem)).ok() } else { None };
+    let x_max = x.last().copied().unwrap_or(1.0);
+    let mut rate_fixed = false;
+    let verdict = match predicted {
+        None => Verdict::Measured,
+        Some(Prediction { value, lower_bound: true }) => {
+            if slope.slope >= value - spec.tolerance.min(2.0 * slope.err) {
+                Verdict::Agrees
+            } else {
+                Verdict::Disagrees
+            }
+        }
+        Some(Prediction { value, .. }) => {
+            let close = |s: &SlopeFit| {
+                let d = (s.slope - value).abs();
+                d <= spec.tolerance || d <= 2.0 * s.err
+            };
+            if close(slope) {
+                Verdict::Agrees
+            } else if finite_size.is_some_and(|f| supports_limit(&f, x_max)) {
+                Verdict::FiniteSize
+            } else if per_residual.is_some_and(close) {
+                // The change per unit initial residual scales as predicted; the residual |f0 - y| tends
+                // to |y| > 0 as the random initial output f0 vanishes (or stays Θ(1)), so the change does too.
+                Verdict::FiniteSize
+            } else {
+                // The free rate was not resolved: try the random-initialization rate.
+                match fit::fit_power_correction_fixed_rate(&x, &cmean, Some(&csem), RANDOM_PART_RATE) {
+                    Ok(f) if x.len() >= 4 && supports_limit_fixed(&f, x_max) => {
+                        finite_size = Some(f);
+                        rate_fixed = true;
+                        Verdict::FiniteSize
+                    }
+                    _ => Verdict::Disagrees,
+                }
+            }
+        }
+    };
+    Judgement { finite_size, fit_exponent: p, rate_fixed, verdict }
+}
+
 /// Fits and judges every quantity. `values[q][seed][size]` are the measurements of `names[q]`; `table`
 /// is the engine's table of the checked preset (for its predicted exponents).
 pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, table: &Table) -> Result<Vec<QuantityResult>> {
@@ -534,17 +601,6 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
             continue;
         }
         let slope = fit::loglog_slope_seeds(&x, &vals, 200, 0x5eed)?;
-        // Compensate the predicted exponent, so that the fitted limit is the prefactor of the predicted
-        // power law and the correction is what is left.
-        let p = match predicted {
-            Some(Prediction { value, lower_bound: false }) => value,
-            _ => 0.0,
-        };
-        let comp: Vec<f64> = x.iter().map(|v| v.powf(-p)).collect();
-        let cmean: Vec<f64> = mean.iter().zip(&comp).map(|(m, c)| m * c).collect();
-        let csem: Vec<f64> = sem.iter().zip(&comp).map(|(e, c)| e * c).collect();
-        let mut finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &cmean, Some(&csem)).ok() } else { None };
-        let x_max = x.last().copied().unwrap_or(1.0);
         let per_residual = match (&residual0, name.starts_with("delta.")) {
             (Some(r0), true) => {
                 let ratio: Vec<Vec<f64>> = vals.iter().zip(r0).map(|(v, r)| v.iter().zip(r).map(|(a, b)| a / b).collect()).collect();
@@ -556,42 +612,7 @@ pub fn analyze(spec: &CoordSpec, names: &[String], values: Vec<Vec<Vec<f64>>>, t
             }
             _ => None,
         };
-        let mut rate_fixed = false;
-        let verdict = match predicted {
-            None => Verdict::Measured,
-            Some(Prediction { value, lower_bound: true }) => {
-                if slope.slope >= value - spec.tolerance.min(2.0 * slope.err) {
-                    Verdict::Agrees
-                } else {
-                    Verdict::Disagrees
-                }
-            }
-            Some(Prediction { value, .. }) => {
-                let close = |s: &SlopeFit| {
-                    let d = (s.slope - value).abs();
-                    d <= spec.tolerance || d <= 2.0 * s.err
-                };
-                if close(&slope) {
-                    Verdict::Agrees
-                } else if finite_size.is_some_and(|f| supports_limit(&f, x_max)) {
-                    Verdict::FiniteSize
-                } else if per_residual.as_ref().is_some_and(close) {
-                    // The change per unit initial residual scales as predicted; the residual |f0 - y| tends
-                    // to |y| > 0 as the random initial output f0 vanishes (or stays Θ(1)), so the change does too.
-                    Verdict::FiniteSize
-                } else {
-                    // The free rate was not resolved: try the random-initialization rate.
-                    match fit::fit_power_correction_fixed_rate(&x, &cmean, Some(&csem), RANDOM_PART_RATE) {
-                        Ok(f) if x.len() >= 4 && supports_limit_fixed(&f, x_max) => {
-                            finite_size = Some(f);
-                            rate_fixed = true;
-                            Verdict::FiniteSize
-                        }
-                        _ => Verdict::Disagrees,
-                    }
-                }
-            }
-        };
+        let Judgement { finite_size, fit_exponent: p, rate_fixed, verdict } = judge(spec, &mean, &sem, &slope, per_residual.as_ref(), predicted);
         out.push(QuantityResult {
             name: name.clone(),
             values: vals,

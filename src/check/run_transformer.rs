@@ -32,8 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::coord::{analyze, supports_limit, CoordResult, CoordSpec, Prediction, QuantityResult, RouterInit, Verdict, RANDOM_PART_RATE};
-use super::fit::{self, SlopeFit};
+use super::coord::{analyze, judge, CoordResult, CoordSpec, Prediction, QuantityResult, RouterInit, Verdict};
 use super::run::Activations;
 use crate::data::text::{random_windows, Corpus};
 use crate::model::attention::{attention_forward, par_matmul_scaled, AttentionConfig, AttentionWeights};
@@ -549,48 +548,11 @@ fn rejudge(spec: &CoordSpec, q: &mut QuantityResult, predicted: Option<Predictio
         return;
     }
     let Some(slope) = q.slope else { return };
-    let x: Vec<f64> = spec.values.iter().map(|v| *v as f64).collect();
-    let x_max = x.last().copied().unwrap_or(1.0);
-    let p = match predicted {
-        Some(Prediction { value, lower_bound: false }) => value,
-        _ => 0.0,
-    };
-    let comp: Vec<f64> = x.iter().map(|v| v.powf(-p)).collect();
-    let cmean: Vec<f64> = q.mean.iter().zip(&comp).map(|(m, c)| m * c).collect();
-    let csem: Vec<f64> = q.sem.iter().zip(&comp).map(|(e, c)| e * c).collect();
-    q.fit_exponent = p;
-    q.rate_fixed = false;
-    q.finite_size = if x.len() >= 4 { fit::fit_power_correction(&x, &cmean, Some(&csem)).ok() } else { None };
-    let close = |s: &SlopeFit, value: f64| {
-        let d = (s.slope - value).abs();
-        d <= spec.tolerance || d <= 2.0 * s.err
-    };
-    q.verdict = match predicted {
-        None => Verdict::Measured,
-        Some(Prediction { value, lower_bound: true }) => {
-            if slope.slope >= value - spec.tolerance.min(2.0 * slope.err) {
-                Verdict::Agrees
-            } else {
-                Verdict::Disagrees
-            }
-        }
-        Some(Prediction { value, .. }) => {
-            if close(&slope, value) {
-                Verdict::Agrees
-            } else if q.finite_size.is_some_and(|f| supports_limit(&f, x_max)) {
-                Verdict::FiniteSize
-            } else {
-                match fit::fit_power_correction_fixed_rate(&x, &cmean, Some(&csem), RANDOM_PART_RATE) {
-                    Ok(f) if x.len() >= 4 && f.a > 0.0 && f.a_nonzero && f.b > 0.0 && (f.dof == 0 || f.rss / f.dof as f64 <= 4.0) && (f.b * x_max.powf(-f.c)).abs() < f.a => {
-                        q.finite_size = Some(f);
-                        q.rate_fixed = true;
-                        Verdict::FiniteSize
-                    }
-                    _ => Verdict::Disagrees,
-                }
-            }
-        }
-    };
+    let j = judge(spec, &q.mean, &q.sem, &slope, q.per_residual.as_ref(), predicted);
+    q.finite_size = j.finite_size;
+    q.fit_exponent = j.fit_exponent;
+    q.rate_fixed = j.rate_fixed;
+    q.verdict = j.verdict;
 }
 
 /// Runs the transformer coordinate check: every size and seed (in parallel, collected in a fixed order so
