@@ -193,13 +193,15 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
     let (y0, y1) = range(ys, panel.log_y);
     let mut builder = ChartBuilder::on(area);
     builder.caption(&panel.title, ("sans-serif", 20)).margin(10).x_label_area_size(42).y_label_area_size(64);
+    // Log x axes are model sizes along a doubling ladder: ticks at powers of 2 label every size (base 10
+    // would label one point of a 128..1024 ladder).
     match (panel.log_x, panel.log_y) {
         (false, false) => {
             let chart = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| e.to_string())?;
             fill(chart, panel)
         }
         (true, false) => {
-            let chart = builder.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| e.to_string())?;
+            let chart = builder.build_cartesian_2d((x0..x1).log_scale().base(2.0), y0..y1).map_err(|e| e.to_string())?;
             fill(chart, panel)
         }
         (false, true) => {
@@ -208,7 +210,7 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
         }
         (true, true) => {
             let chart =
-                builder.build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale()).map_err(|e| e.to_string())?;
+                builder.build_cartesian_2d((x0..x1).log_scale().base(2.0), (y0..y1).log_scale()).map_err(|e| e.to_string())?;
             fill(chart, panel)
         }
     }
