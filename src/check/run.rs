@@ -198,14 +198,16 @@ fn replay<F: crate::model::Real>(
     Ok((acts, light))
 }
 
-fn rms(v: &[f64]) -> f64 {
+/// RMS of the entries (0 for none).
+pub(crate) fn rms(v: &[f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
     (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
 }
 
-fn rms_diff(a: &[f64], b: &[f64]) -> f64 {
+/// RMS of the entrywise difference (NaN when the lengths differ or are 0).
+pub(crate) fn rms_diff(a: &[f64], b: &[f64]) -> f64 {
     if a.is_empty() || a.len() != b.len() {
         return f64::NAN;
     }

@@ -32,6 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::run::{rms, rms_diff};
 use super::coord::{analyze, judge, CoordResult, CoordSpec, Prediction, QuantityResult, RouterInit, Verdict};
 use super::run::Activations;
 use crate::data::text::{random_windows, Corpus};
@@ -310,20 +311,6 @@ pub fn cross_entropy(logits: &[f64], vocab: usize, batch: &Batch) -> Result<f64>
         })
         .sum();
     Ok(total / tokens as f64)
-}
-
-fn rms(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
-}
-
-fn rms_diff(a: &[f64], b: &[f64]) -> f64 {
-    if a.is_empty() || a.len() != b.len() {
-        return f64::NAN;
-    }
-    (a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / a.len() as f64).sqrt()
 }
 
 /// Groups whose gradient RMS is recorded, in this order.
