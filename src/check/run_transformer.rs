@@ -32,9 +32,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::run::{rms, rms_diff};
 use super::coord::{analyze, judge, CoordResult, CoordSpec, Prediction, QuantityResult, RouterInit, Verdict};
-use super::run::Activations;
+use super::run::{rms, rms_diff, Activations};
 use crate::data::text::{random_windows, Corpus};
 use crate::model::attention::{attention_forward, par_matmul_scaled, AttentionConfig, AttentionWeights};
 use crate::model::moe::{moe_forward, MoeMultipliers, MoeParamIds};
