@@ -349,13 +349,14 @@ pub fn run_coord(setup: &CoordSetup) -> Result<CoordResult> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::check::coord::RouterInit;
     use crate::param::Axis;
 
-    fn setup(axis: Axis, values: Vec<usize>) -> CoordSetup {
-        CoordSetup::new(CoordSpec {
+    /// A tiny Adam check (base N = n = 16, M = 4, k = 2; 2 seeds, 2 steps) for unit tests of any model.
+    pub(crate) fn small_spec(axis: Axis, values: Vec<usize>) -> CoordSpec {
+        use crate::check::coord::RouterInit;
+        CoordSpec {
             axis,
             preset: "moe-completep".into(),
             optimizer: Optimizer::Adam,
@@ -366,7 +367,11 @@ mod tests {
             base: Sizes { width: 16, depth: 2, experts: 4, active: 2, expert_hidden: 16 },
             router_init: RouterInit::Preset,
             tolerance: 0.15,
-        })
+        }
+    }
+
+    fn setup(axis: Axis, values: Vec<usize>) -> CoordSetup {
+        CoordSetup::new(small_spec(axis, values))
     }
 
     #[test]

@@ -591,18 +591,7 @@ mod tests {
     use super::*;
 
     fn setup(axis: Axis, values: Vec<usize>) -> TransformerCoordSetup {
-        let mut s = TransformerCoordSetup::new(CoordSpec {
-            axis,
-            preset: "moe-completep".into(),
-            optimizer: Optimizer::Adam,
-            values,
-            seeds: 2,
-            steps: 2,
-            lr: 0.01,
-            base: Sizes { width: 16, depth: 2, experts: 4, active: 2, expert_hidden: 16 },
-            router_init: RouterInit::Preset,
-            tolerance: 0.15,
-        });
+        let mut s = TransformerCoordSetup::new(crate::check::run::tests::small_spec(axis, values));
         s.seq_len = 6;
         s.batch = 3;
         s
