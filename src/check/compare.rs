@@ -19,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::control;
 use super::fit::{self, PowerLawFit, SlopeFit};
 use crate::data::{make_task, Task};
 use crate::dmft::{solve, Solution, SolveConfig, LOAD_QUANTILES};
@@ -97,12 +98,25 @@ pub struct CompareSpec {
     /// n_s = 128 that bias is about -1.3% of the final loss, the size of the finite networks' own gap.
     #[serde(default)]
     pub dmft_extrapolate: bool,
+    /// Subtract from each seed group's loss curve its cross-fitted linear response to the init
+    /// statistics of [`control::init_controls`] (mean zero, so the seed-mean stays unbiased); see
+    /// [`control::adjust`].
+    #[serde(default)]
+    pub control_variates: bool,
 }
 
 impl CompareSpec {
     /// Independent seeds, the same number at every size.
     pub fn new(solve: SolveConfig, ladder: Vec<(usize, usize, usize)>, seeds: usize) -> Self {
-        CompareSpec { solve, ladder, seeds, seeds_per_size: None, antithetic: Antithetic::Off, dmft_extrapolate: false }
+        CompareSpec {
+            solve,
+            ladder,
+            seeds,
+            seeds_per_size: None,
+            antithetic: Antithetic::Off,
+            dmft_extrapolate: false,
+            control_variates: false,
+        }
     }
 
     /// Seed groups at ladder entry `i`.
@@ -174,6 +188,10 @@ pub struct FiniteRun {
     /// Final load quantiles (levels of [`LOAD_QUANTILES`]) of `load_e / kappa` in the last block.
     #[serde(deserialize_with = "crate::check::fit::nan::vec")]
     pub load_quantiles: Vec<f64>,
+    /// Mean-zero init statistics of this run ([`control::init_controls`]); empty in records written
+    /// before control variates existed (recomputed from the seed when needed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controls: Vec<f64>,
 }
 
 /// Seed averages and gaps to the DMFT at one size.
@@ -189,9 +207,18 @@ pub struct SizeSummary {
     /// Mean over steps of |L_finite(t) - L_dmft(t)|, relative to the mean DMFT loss (seed-averaged curve).
     #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub loss_gap: f64,
-    /// Seed spread of the same gap (standard error over seed groups of each group's gap).
+    /// Standard error of the same gap: bootstrap over seed groups of the seed-mean curve's gap (the
+    /// solver's own error is not in it: it is common to every size).
     #[serde(deserialize_with = "crate::check::fit::nan::f64")]
     pub loss_gap_sem: f64,
+    /// `loss_gap` of the seed-mean curve without the control-variate adjustment (equal to `loss_gap`
+    /// when it is off).
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub loss_gap_raw: f64,
+    /// Sum over steps of the variance across groups of the adjusted group curves over that of the raw
+    /// ones: the variance the control variates remove (NaN when they are off).
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub control_ratio: f64,
     /// Seed groups (independent units of every error bar here); 0 in results written before groups.
     #[serde(default)]
     pub groups: usize,
@@ -292,6 +319,22 @@ pub struct GapRate {
     pub init_p_err: f64,
     #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
     pub init_b: f64,
+    /// Leading rate of the whole signed gap curve: g_t(N) = A_t N^-p + B_t N^-(p+1) at every step t >= 1
+    /// with one exponent p shared by all steps (weights: the finite runs' standard errors; the solver's
+    /// error is common to all sizes and left out). Expected 1, with the next order as the correction.
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub lead_p: f64,
+    /// Bootstrap standard error of `lead_p` (groups resampled at every size; steps stay correlated).
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub lead_p_err: f64,
+    /// chi^2 of that fit and its degrees of freedom (steps x (sizes - 2) - 1).
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub lead_chi2: f64,
+    #[serde(default)]
+    pub lead_dof: usize,
+    /// chi^2 of a pure power g_t(N) = A_t N^-p (shared p, no correction) on the same data, for contrast.
+    #[serde(default = "nan", deserialize_with = "crate::check::fit::nan::f64")]
+    pub pure_chi2: f64,
 }
 
 impl GapRate {
@@ -347,6 +390,13 @@ fn quantiles(mut v: Vec<f64>) -> Vec<f64> {
         .collect()
 }
 
+/// Seed offset of the routing tie-break stream of a finite run.
+const TIE_STREAM: u64 = 0x7a11;
+
+/// Folds and ridge (relative, on standardised controls) of the control-variate regression.
+const CONTROL_FOLDS: usize = 8;
+const CONTROL_RIDGE: f64 = 1e-3;
+
 /// Trains one finite network in the mean-field form with full-batch SGD for `cfg.steps` steps.
 pub fn train_finite(cfg: &SolveConfig, task: &Task, sizes: &Sizes, seed: u64) -> Result<FiniteRun> {
     train_finite_flipped(cfg, task, sizes, seed, (false, false))
@@ -361,22 +411,9 @@ pub fn train_finite_flipped(
     seed: u64,
     flips: (bool, bool),
 ) -> Result<FiniteRun> {
-    let hp = mean_field_param(cfg).resolve(sizes)?;
-    let mcfg = ResNetConfig {
-        input_dim: cfg.task.input_dim,
-        outputs: task.y.ncols(),
-        sizes: *sizes,
-        activation: cfg.activation,
-        norm: false,
-        routing: cfg.routing.clone(),
-    };
-    let mut model: MoeResNet<f64> = MoeResNet::new(&mcfg, &hp, &mut ChaCha8Rng::seed_from_u64(seed))?;
-    for p in model.store_mut().params.iter_mut() {
-        if (flips.0 && p.group == Group::Readout) || (flips.1 && p.group == Group::ExpertDown) {
-            p.value.mapv_inplace(|v| -v);
-        }
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x7a11));
+    let (mut model, hp) = init_finite(cfg, task, sizes, seed, flips)?;
+    let controls = if task.y.ncols() == 1 { control::init_controls(&model, &hp)? } else { Vec::new() };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(TIE_STREAM));
     let batch = Batch::Regression { x: task.x.clone(), y: task.y.clone() };
     let mut opt = Sgd::new(model.store(), &hp)?;
     let mut loss = Vec::with_capacity(cfg.steps + 1);
@@ -425,7 +462,40 @@ pub fn train_finite_flipped(
         kernel: kernel.iter().copied().collect(),
         thresholds,
         load_quantiles: quantiles(last_load),
+        controls,
     })
+}
+
+/// The network `train_finite_flipped` starts from: the seed's init with the flips applied.
+fn init_finite(
+    cfg: &SolveConfig,
+    task: &Task,
+    sizes: &Sizes,
+    seed: u64,
+    flips: (bool, bool),
+) -> Result<(MoeResNet<f64>, crate::param::Resolved)> {
+    let hp = mean_field_param(cfg).resolve(sizes)?;
+    let mcfg = ResNetConfig {
+        input_dim: cfg.task.input_dim,
+        outputs: task.y.ncols(),
+        sizes: *sizes,
+        activation: cfg.activation,
+        norm: false,
+        routing: cfg.routing.clone(),
+    };
+    let mut model: MoeResNet<f64> = MoeResNet::new(&mcfg, &hp, &mut ChaCha8Rng::seed_from_u64(seed))?;
+    for p in model.store_mut().params.iter_mut() {
+        if (flips.0 && p.group == Group::Readout) || (flips.1 && p.group == Group::ExpertDown) {
+            p.value.mapv_inplace(|v| -v);
+        }
+    }
+    Ok((model, hp))
+}
+
+/// The init statistics of [`control::init_controls`] for a run, from its seed alone (no training).
+pub fn controls_of(cfg: &SolveConfig, task: &Task, sizes: &Sizes, seed: u64, flips: (bool, bool)) -> Result<Vec<f64>> {
+    let (model, hp) = init_finite(cfg, task, sizes, seed, flips)?;
+    control::init_controls(&model, &hp)
 }
 
 fn rel_fro(a: &[f64], b: &[f64]) -> f64 {
@@ -584,11 +654,32 @@ pub fn run_compare_with(spec: &CompareSpec, store: Option<&RunStore>) -> Result<
     for (&(i, _, _), r) in jobs.iter().zip(runs) {
         per_size[i].push(r?);
     }
-    let mut summaries = Vec::new();
-    for (idx, (s, mut runs)) in sizes.iter().zip(per_size).enumerate() {
+    let group = variants.len();
+    for runs in per_size.iter_mut() {
         // Jobs were queued group by group in variant order; keep that order explicit.
         runs.sort_by_key(|r| (r.seed, variants.iter().position(|&v| v == (r.flip_readout, r.flip_down))));
-        summaries.push(summarize_size(s, runs, variants.len(), &dmft, 0x9a9 + idx as u64));
+    }
+    let raw: Vec<Vec<Vec<f64>>> = per_size.iter().map(|r| group_means(r, group, |x| &x.loss)).collect();
+    let curves = if spec.control_variates {
+        if task.y.ncols() != 1 {
+            return Err(Error::invalid("compare.control_variates", "needs a task with one output"));
+        }
+        for (i, runs) in per_size.iter_mut().enumerate() {
+            runs.par_iter_mut().try_for_each(|r| -> Result<()> {
+                if r.controls.is_empty() {
+                    r.controls = controls_of(&spec.solve, &task, &sizes[i], r.seed, (r.flip_readout, r.flip_down))?;
+                }
+                Ok(())
+            })?;
+        }
+        let ctl: Vec<Vec<Vec<f64>>> = per_size.iter().map(|r| group_means(r, group, |x| &x.controls)).collect();
+        control::adjust(&raw, &ctl, CONTROL_FOLDS, CONTROL_RIDGE)?
+    } else {
+        raw.clone()
+    };
+    let mut summaries = Vec::new();
+    for (idx, (s, runs)) in sizes.iter().zip(per_size).enumerate() {
+        summaries.push(summarize_size(s, runs, &curves[idx], &raw[idx], &dmft, 0x9a9 + idx as u64));
     }
     let x: Vec<f64> = sizes.iter().map(|s| s.width as f64).collect();
     let gap_fit = |name: &str, f: &dyn Fn(&SizeSummary) -> f64| -> GapFit {
@@ -605,7 +696,7 @@ pub fn run_compare_with(spec: &CompareSpec, store: Option<&RunStore>) -> Result<
         gap_fit("threshold_gap", &|s| s.threshold_gap),
         gap_fit("load_gap", &|s| s.load_gap),
     ];
-    let gap_rate = fit_gap_rate(&x, &summaries, &per_size_group_curves(&summaries, variants.len()), &dmft, 0x5eed);
+    let gap_rate = fit_gap_rate(&x, &summaries, &curves, &dmft, 0x5eed);
     let finals: Vec<f64> = summaries.iter().map(|s| *s.loss_mean.last().unwrap_or(&f64::NAN)).collect();
     let sems: Vec<f64> = summaries.iter().map(|s| *s.loss_sem.last().unwrap_or(&0.0)).collect();
     let final_loss_fit = if x.len() >= 4 { fit::fit_power_correction(&x, &finals, Some(&sems)).ok() } else { None };
@@ -615,18 +706,14 @@ pub fn run_compare_with(spec: &CompareSpec, store: Option<&RunStore>) -> Result<
 /// Bootstrap resamples of the groups for every error bar that comes from one.
 const BOOTSTRAP: usize = 400;
 
-/// Mean loss curve of each group of `group` consecutive runs.
-fn group_curves(runs: &[FiniteRun], group: usize) -> Vec<Vec<f64>> {
+/// Mean of the vector `field` over each group of `group` consecutive runs (e.g. a group's loss curve).
+fn group_means(runs: &[FiniteRun], group: usize, field: impl Fn(&FiniteRun) -> &Vec<f64>) -> Vec<Vec<f64>> {
     runs.chunks(group)
         .map(|c| {
-            let t = c[0].loss.len();
-            (0..t).map(|j| c.iter().map(|r| r.loss[j]).sum::<f64>() / c.len() as f64).collect()
+            let t = field(&c[0]).len();
+            (0..t).map(|j| c.iter().map(|r| field(r)[j]).sum::<f64>() / c.len() as f64).collect()
         })
         .collect()
-}
-
-fn per_size_group_curves(summaries: &[SizeSummary], group: usize) -> Vec<Vec<Vec<f64>>> {
-    summaries.iter().map(|s| group_curves(&s.runs, group)).collect()
 }
 
 /// Signed relative gap of the mean of `curves` and its standard error per step; `dmft_var` is the
@@ -663,8 +750,17 @@ fn resample<'a>(curves: &'a [Vec<f64>], rng: &mut ChaCha8Rng) -> Vec<&'a Vec<f64
     (0..curves.len()).map(|_| &curves[rng.gen_range(0..curves.len())]).collect()
 }
 
-fn summarize_size(s: &Sizes, runs: Vec<FiniteRun>, group: usize, dmft: &DmftSummary, boot_seed: u64) -> SizeSummary {
-    let curves = group_curves(&runs, group);
+/// Summary of one size from its runs, its seed groups' loss curves as the gaps are measured on
+/// (`curves`: control-variate adjusted or not) and as trained (`raw`).
+fn summarize_size(
+    s: &Sizes,
+    runs: Vec<FiniteRun>,
+    curves: &[Vec<f64>],
+    raw: &[Vec<f64>],
+    dmft: &DmftSummary,
+    boot_seed: u64,
+) -> SizeSummary {
+    let group = runs.len() / curves.len().max(1);
     let steps = dmft.loss.len();
     let stats: Vec<(f64, f64)> =
         (0..steps).map(|t| fit::mean_and_sem(&curves.iter().map(|c| c[t]).collect::<Vec<_>>())).collect();
@@ -678,42 +774,51 @@ fn summarize_size(s: &Sizes, runs: Vec<FiniteRun>, group: usize, dmft: &DmftSumm
     let kernel_noise = kernel_noise(&runs, group, &dmft.kernel);
     let thresholds = mean_of(&|r| &r.thresholds);
     let load_quantiles = mean_of(&|r| &r.load_quantiles);
-    let per_group_gaps: Vec<f64> = curves.iter().map(|c| loss_gap(c, &dmft.loss)).collect();
+    let column = |set: &[Vec<f64>], t: usize| -> Vec<f64> { set.iter().map(|c| c[t]).collect() };
+    let raw_mean: Vec<f64> = (0..steps).map(|t| fit::mean_and_sem(&column(raw, t)).0).collect();
     let threshold_gap = (thresholds.iter().zip(&dmft.thresholds).map(|(a, b)| (a - b).powi(2)).sum::<f64>()
         / thresholds.len() as f64)
         .sqrt();
     let load_gap = load_quantiles.iter().zip(&dmft.load_quantiles).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     let dvar = dmft_variance(dmft);
-    let (signed, signed_se) = signed_gap(&curves, &dmft.loss, &dvar);
-    let g2 = gap_sq(&curves, &dmft.loss, &dvar);
-    let g2_err = if curves.len() >= 2 {
+    let (signed, signed_se) = signed_gap(curves, &dmft.loss, &dvar);
+    let g2 = gap_sq(curves, &dmft.loss, &dvar);
+    let (g2_err, loss_gap_err) = if curves.len() >= 2 {
         let mut rng = ChaCha8Rng::seed_from_u64(boot_seed);
-        let reps: Vec<f64> = (0..BOOTSTRAP)
+        let reps: Vec<(f64, f64)> = (0..BOOTSTRAP)
             .map(|_| {
-                let pick: Vec<Vec<f64>> = resample(&curves, &mut rng).into_iter().cloned().collect();
-                gap_sq(&pick, &dmft.loss, &dvar)
+                let pick: Vec<Vec<f64>> = resample(curves, &mut rng).into_iter().cloned().collect();
+                let mean: Vec<f64> = (0..steps).map(|t| fit::mean_and_sem(&column(&pick, t)).0).collect();
+                (gap_sq(&pick, &dmft.loss, &dvar), loss_gap(&mean, &dmft.loss))
             })
             .collect();
-        sd(&reps)
+        (sd(&reps.iter().map(|r| r.0).collect::<Vec<_>>()), sd(&reps.iter().map(|r| r.1).collect::<Vec<_>>()))
     } else {
-        f64::NAN
+        (f64::NAN, f64::NAN)
     };
     // Variance of a group mean against the mean of `group` independent runs (the marginal variance of one
     // run is the same for every run of a group, by the symmetry of the init law).
-    let variance_ratio = if curves.len() >= 2 {
+    let variance_ratio = if raw.len() >= 2 {
         let (mut num, mut den) = (0.0, 0.0);
         for t in 0..steps {
-            num += var(&curves.iter().map(|c| c[t]).collect::<Vec<_>>());
+            num += var(&column(raw, t));
             den += var(&runs.iter().map(|r| r.loss[t]).collect::<Vec<_>>()) / group as f64;
         }
         num / den
     } else {
         f64::NAN
     };
+    let control_ratio = if curves.len() >= 2 && curves != raw {
+        (0..steps).map(|t| var(&column(curves, t))).sum::<f64>() / (0..steps).map(|t| var(&column(raw, t))).sum::<f64>()
+    } else {
+        f64::NAN
+    };
     SizeSummary {
         sizes: *s,
         loss_gap: loss_gap(&loss_mean, &dmft.loss),
-        loss_gap_sem: fit::mean_and_sem(&per_group_gaps).1,
+        loss_gap_sem: loss_gap_err,
+        loss_gap_raw: loss_gap(&raw_mean, &dmft.loss),
+        control_ratio,
         groups: curves.len(),
         signed_gap: signed,
         signed_gap_se: signed_se,
@@ -734,10 +839,7 @@ fn summarize_size(s: &Sizes, runs: Vec<FiniteRun>, group: usize, dmft: &DmftSumm
 /// sqrt(sum_ij se_ij^2) / ||K_dmft||_F: the expected `kernel_gap` of a mean kernel with no bias at all
 /// (se_ij over the means of groups of `group` runs). NaN with fewer than 2 groups or no kernels.
 fn kernel_noise(runs: &[FiniteRun], group: usize, dmft_kernel: &[f64]) -> f64 {
-    let groups: Vec<Vec<f64>> = runs
-        .chunks(group)
-        .map(|c| (0..c[0].kernel.len()).map(|j| c.iter().map(|r| r.kernel[j]).sum::<f64>() / c.len() as f64).collect())
-        .collect();
+    let groups = group_means(runs, group, |r| &r.kernel);
     if groups.len() < 2 || groups[0].is_empty() || groups[0].len() != dmft_kernel.len() {
         return f64::NAN;
     }
@@ -801,6 +903,53 @@ pub fn fit_pure_power(x: &[f64], y: &[f64], sigma: &[f64]) -> (f64, f64, f64) {
     (p, bb, c2)
 }
 
+/// Fit of the signed gap curves `g[size][t]` (standard errors `se`) as A_t x^-p (+ B_t x^-(p+q) when
+/// `correction` is `Some(q)`) at every step t >= 1, with one p in [0, 3] for all steps; returns (p, chi^2).
+/// Linear in (A_t, B_t) at fixed p, so p is found by a grid scan of the profiled chi^2 refined by
+/// golden-section search.
+pub fn fit_shared_rate(x: &[f64], g: &[Vec<f64>], se: &[Vec<f64>], correction: Option<f64>) -> (f64, f64) {
+    let steps = g.first().map_or(0, |v| v.len());
+    let chi2 = |p: f64| -> f64 {
+        let mut total = 0.0;
+        for t in 1..steps {
+            let w: Vec<f64> = se.iter().map(|e| 1.0 / e[t].max(1e-300).powi(2)).collect();
+            let f1: Vec<f64> = x.iter().map(|v| v.powf(-p)).collect();
+            let f2: Vec<f64> = x.iter().map(|v| correction.map_or(0.0, |q| v.powf(-p - q))).collect();
+            let (mut a11, mut a12, mut a22, mut b1, mut b2) = (0.0, 0.0, 0.0, 0.0, 0.0);
+            for i in 0..x.len() {
+                a11 += w[i] * f1[i] * f1[i];
+                a12 += w[i] * f1[i] * f2[i];
+                a22 += w[i] * f2[i] * f2[i];
+                b1 += w[i] * f1[i] * g[i][t];
+                b2 += w[i] * f2[i] * g[i][t];
+            }
+            let (ca, cb) = if correction.is_some() {
+                let det = a11 * a22 - a12 * a12;
+                ((a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det)
+            } else {
+                (b1 / a11, 0.0)
+            };
+            total += (0..x.len()).map(|i| w[i] * (g[i][t] - ca * f1[i] - cb * f2[i]).powi(2)).sum::<f64>();
+        }
+        total
+    };
+    let grid = 300;
+    let ps: Vec<f64> = (0..=grid).map(|i| 3.0 * i as f64 / grid as f64).collect();
+    let best = (0..ps.len()).min_by(|&i, &j| chi2(ps[i]).total_cmp(&chi2(ps[j]))).unwrap_or(0);
+    let (mut a, mut b) = (ps[best.saturating_sub(1)], ps[(best + 1).min(grid)]);
+    let gr = 0.5 * (5f64.sqrt() - 1.0);
+    for _ in 0..50 {
+        let (c, d) = (b - gr * (b - a), a + gr * (b - a));
+        if chi2(c) < chi2(d) {
+            b = d;
+        } else {
+            a = c;
+        }
+    }
+    let p = 0.5 * (a + b);
+    (p, chi2(p))
+}
+
 /// Rate of `gap_sq` against N, with errors from resampling the groups of every size (sizes are
 /// independent runs, so each is resampled on its own) and refitting.
 fn fit_gap_rate(
@@ -820,18 +969,27 @@ fn fit_gap_rate(
     let g0: Vec<f64> = summaries.iter().map(|s| s.signed_gap.first().copied().unwrap_or(f64::NAN)).collect();
     let e0: Vec<f64> = summaries.iter().map(|s| s.signed_gap_se.first().copied().unwrap_or(f64::NAN)).collect();
     let (init_p, init_b, _) = fit_pure_power(x, &g0, &e0);
+    let no_solver = vec![0.0; dmft.loss.len()];
+    let (lead_g, lead_se): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+        curves.iter().map(|c| signed_gap(c, &dmft.loss, &no_solver)).unzip();
+    let (lead_p, lead_chi2) = fit_shared_rate(x, &lead_g, &lead_se, Some(1.0));
+    let (_, pure_chi2) = fit_shared_rate(x, &lead_g, &lead_se, None);
+    let mut leads = Vec::with_capacity(BOOTSTRAP);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut ps = Vec::with_capacity(BOOTSTRAP);
     let mut p0s = Vec::with_capacity(BOOTSTRAP);
     let mut slopes = Vec::with_capacity(BOOTSTRAP);
     for _ in 0..BOOTSTRAP {
+        let mut gb = Vec::with_capacity(curves.len());
         let (yb, g0b): (Vec<f64>, Vec<f64>) = curves
             .iter()
             .map(|c| {
                 let pick: Vec<Vec<f64>> = resample(c, &mut rng).into_iter().cloned().collect();
+                gb.push(signed_gap(&pick, &dmft.loss, &no_solver).0);
                 (gap_sq(&pick, &dmft.loss, &dvar), signed_gap(&pick, &dmft.loss, &dvar).0[0])
             })
             .unzip();
+        leads.push(fit_shared_rate(x, &gb, &lead_se, Some(1.0)).0);
         ps.push(fit_pure_power(x, &yb, &e).0);
         p0s.push(fit_pure_power(x, &g0b, &e0).0);
         if yb.iter().all(|v| *v > 0.0) {
@@ -865,6 +1023,11 @@ fn fit_gap_rate(
         init_p,
         init_p_err: sd(&p0s),
         init_b,
+        lead_p,
+        lead_p_err: sd(&leads),
+        lead_chi2,
+        lead_dof: (dmft.loss.len().saturating_sub(1) * x.len().saturating_sub(2)).saturating_sub(1),
+        pure_chi2,
     })
 }
 
@@ -885,15 +1048,28 @@ impl CompareResult {
             self.dmft.wall_s
         );
         out.push_str(&format!(
-            "Seed groups of {} run(s) (antithetic: {}); every error bar is over groups.\n\n",
+            "Seed groups of {} run(s) (antithetic: {}); every error bar is over groups.{}\n\n",
             self.spec.antithetic.variants().len(),
-            self.spec.antithetic.name()
+            self.spec.antithetic.name(),
+            if self.spec.control_variates {
+                " Loss curves adjusted by control variates (init embedding and readout moments, cross-fitted over \
+                 8 folds pooled across sizes); `no CV` is the gap without the adjustment, `CV ratio` the variance \
+                 left by it."
+            } else {
+                ""
+            }
         ));
-        out.push_str("| N | M | k | n | groups | final loss | loss gap | kernel gap (noise floor) | threshold gap | load gap |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        let cv = self.spec.control_variates;
+        out.push_str(if cv {
+            "| N | M | k | n | groups | final loss | loss gap | loss gap, no CV | CV ratio | kernel gap (noise floor) | threshold gap | load gap |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        } else {
+            "| N | M | k | n | groups | final loss | loss gap | kernel gap (noise floor) | threshold gap | load gap |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        });
         for s in &self.sizes {
             let z = &s.sizes;
+            let cv_cols = if cv { format!(" {:.4} | {:.3} |", s.loss_gap_raw, s.control_ratio) } else { String::new() };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {:.5} ± {:.5} | {:.4} ± {:.4} | {:.4} ({:.4}) | {:.4} | {:.3} |\n",
+                "| {} | {} | {} | {} | {} | {:.5} ± {:.5} | {:.4} ± {:.4} |{cv_cols} {:.4} ({:.4}) | {:.4} | {:.3} |\n",
                 z.width,
                 z.experts,
                 z.active,
@@ -959,6 +1135,14 @@ impl CompareResult {
                 r.init_p,
                 r.init_p_err
             ));
+            if r.lead_p.is_finite() {
+                out.push_str(&format!(
+                    "Leading rate of the signed gap curve, g_t(N) = A_t N^-p + B_t N^-(p+1) at every step t >= 1 with one \
+                     shared p: p = {:.2} ± {:.2} (group bootstrap), chi^2 = {:.1} on {} dof; a pure power A_t N^-p gives \
+                     chi^2 = {:.1}. Expected p = 1.\n",
+                    r.lead_p, r.lead_p_err, r.lead_chi2, r.lead_dof, r.pure_chi2
+                ));
+            }
             if let Some(sl) = r.rms_slope {
                 out.push_str(&format!(
                     "Log-log slope of the rms gap: {:+.2} ± {:.2} (expected -1).\n",

@@ -7,3 +7,4 @@ pub mod coord;
 pub mod run;
 pub mod run_transformer;
 pub mod compare;
+pub mod control;

@@ -38,6 +38,11 @@ pub struct Args {
     /// the solver's O(1/n_s) bias from the reference the gaps are measured against.
     #[arg(long)]
     pub dmft_extrapolate: bool,
+    /// Control variates: subtract from each seed group's loss curve its cross-fitted linear response to
+    /// mean-zero statistics of the initial embedding and readout (docs/theory.md, "Control variates").
+    /// Unbiased; removes most of the seed noise of the gaps. Needs a one-output task.
+    #[arg(long)]
+    pub control_variates: bool,
     /// Reuse the finished runs in OUT/runs/ (same solver config required).
     #[arg(long)]
     pub resume: bool,
@@ -81,6 +86,7 @@ pub fn run(args: Args) -> Result<()> {
     spec.seeds_per_size = args.seeds_per_size.as_deref().map(parse_seeds).transpose()?;
     spec.antithetic = args.antithetic.parse::<Antithetic>()?;
     spec.dmft_extrapolate = args.dmft_extrapolate;
+    spec.control_variates = args.control_variates;
     if args.resume && args.out.is_none() {
         return Err(Error::invalid("resume", "needs --out (the runs to resume are in OUT/runs/)"));
     }
@@ -96,6 +102,7 @@ pub fn run(args: Args) -> Result<()> {
             for run in s.runs.iter_mut() {
                 run.kernel.clear();
                 run.thresholds.clear();
+                run.controls.clear();
             }
         }
         super::coord_check::write_json(&dir.join("compare.json"), &r)?;

@@ -200,6 +200,14 @@ pub fn compare_figures(c: &CompareResult, out: &Path) -> Result<Vec<PathBuf>> {
     );
     written.extend(line_plot(&out.join("compare_loss"), &loss)?);
 
+    let mut signed = Panel::new("signed loss gap (finite - DMFT) / DMFT per step, seed-group mean", "step", "relative gap");
+    for (i, s) in c.sizes.iter().enumerate() {
+        let pts = s.signed_gap.iter().zip(&s.signed_gap_se).enumerate().map(|(t, (g, e))| (t as f64, *g, *e)).collect();
+        signed = signed.with(Series::new(label(&s.sizes), pts).color(i + 1));
+    }
+    signed = signed.with(Series::from_xy("", (0..c.dmft.loss.len()).map(|t| (t as f64, 0.0))).dashed().color(6));
+    written.extend(line_plot(&out.join("compare_signed_gap"), &signed)?);
+
     let mut gaps = Panel::new("gap to the DMFT vs width, N, M, n grown together", "width N", "relative gap").log_x().log_y();
     for (i, f) in c.fits.iter().enumerate() {
         let ys: Vec<f64> = c
@@ -313,7 +321,7 @@ pub fn report(
         s.push_str("## DMFT vs finite networks (mean-field SGD, joint N, M, n ladder at kappa = 1/4)\n\n");
         s.push_str(&c.table());
         s.push('\n');
-        for f in ["compare_loss", "compare_gaps", "compare_load"] {
+        for f in ["compare_loss", "compare_signed_gap", "compare_gaps", "compare_load"] {
             s.push_str(&format!("![{f}]({})\n", rel(&PathBuf::from("figures").join(format!("{f}.png")), report_path)));
         }
         s.push('\n');

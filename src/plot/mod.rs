@@ -216,10 +216,11 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
     }
 }
 
-/// Compact tick labels: plain decimals in a readable range, scientific notation otherwise.
+/// Compact tick labels: plain decimals in a readable range, scientific notation otherwise. Values below
+/// 1e-12 are rounding residue of a linear axis's tick arithmetic (e.g. 3e-18 for the tick at 0).
 fn tick(v: f64) -> String {
     let a = v.abs();
-    if a == 0.0 {
+    if a < 1e-12 {
         "0".into()
     } else if !(1e-3..1e5).contains(&a) {
         format!("{v:.0e}")
@@ -297,6 +298,7 @@ mod tests {
         assert_eq!(tick(128.0), "128");
         assert_eq!(tick(1e-5), "1e-5");
         assert_eq!(tick(0.0), "0");
+        assert_eq!(tick(3e-18), "0");
     }
 
     #[test]
