@@ -270,12 +270,8 @@ impl SolveConfig {
                 "must be finite and non-negative",
             ));
         }
-        if rt.balance_loss != 0.0 {
-            return Err(Error::invalid(
-                "routing.balance_loss",
-                "the DMFT solver does not model the Switch auxiliary loss; use 0 (or bias_update_rate for \
-                 loss-free balancing)",
-            ));
+        if !(rt.balance_loss.is_finite() && rt.balance_loss >= 0.0) {
+            return Err(Error::invalid("routing.balance_loss", "must be finite and non-negative"));
         }
         if rt.z_loss != 0.0 {
             return Err(Error::invalid(

@@ -450,6 +450,10 @@ impl<'a> Problem<'a> {
             for l in (0..l_n).rev() {
                 let (fwd, routed, moe) = &per_block[l];
                 let hin = &hs[l];
+                let switch = (cfg.routing.balance_loss != 0.0).then(|| {
+                    let logits: Vec<Array1<f64>> = fwd.iter().map(|(r, _, _)| r.clone()).collect();
+                    switch_logit_grad(&logits, &routed.active, cfg.kappa, cfg.routing.balance_loss / (branch * p as f64))
+                });
                 let contribs: Vec<Array2<f64>> = blocks[l]
                     .par_iter_mut()
                     .enumerate()
@@ -463,6 +467,7 @@ impl<'a> Problem<'a> {
                             routed.gate.row(e),
                             routed.keep.row(e),
                             routed.slope.row(e),
+                            switch.as_ref().map(|g| g.row(e)),
                             [lr * sc.router, lr * sc.expert_up, lr * sc.expert_down],
                             ns,
                         )
@@ -513,6 +518,7 @@ impl<'a> Problem<'a> {
         gate: ArrayView1<f64>,
         keep: ArrayView1<f64>,
         slope: ArrayView1<f64>,
+        switch: Option<ArrayView1<f64>>,
         [lr_router, lr_up, lr_down]: [f64; 3],
         ns: f64,
     ) -> Array2<f64> {
@@ -536,6 +542,9 @@ impl<'a> Problem<'a> {
                 let diff = &zeta.row(mu) * keep[mu] - &moe.row(mu);
                 eps[mu] = gate[mu] * slope[mu] * diff.dot(&delta.row(mu));
             }
+        }
+        if let Some(g) = switch {
+            eps += &g;
         }
         for mu in 0..p {
             if eps[mu] != 0.0 {
@@ -592,6 +601,29 @@ impl<'a> Problem<'a> {
     }
 }
 
+/// Gradient of the Switch balance loss `alpha M sum_e f_e P_e` on the router logits, in the units of the
+/// sites' router gradient (`kappa M / beta` times the finite network's dL/dr_e,mu; docs/theory.md §6,
+/// `switch_logit_grad`): `scale * kappa * pi_e,mu (l_e - E_e'[l_e' pi_e',mu])`, with `l_e` the selected
+/// load over kappa (f_e M), `pi_e,mu = exp(r_e,mu) / E_e'[exp(r_e',mu)]` the softmax over all experts
+/// times M, and `scale = alpha / (beta P)`. Returns E x P.
+pub(crate) fn switch_logit_grad(logits: &[Array1<f64>], active: &Array2<bool>, kappa: f64, scale: f64) -> Array2<f64> {
+    let (e_n, p) = active.dim();
+    let load: Vec<f64> =
+        (0..e_n).map(|e| active.row(e).iter().filter(|&&a| a).count() as f64 / (p as f64 * kappa)).collect();
+    let mut out = Array2::zeros((e_n, p));
+    for mu in 0..p {
+        let mx = (0..e_n).map(|e| logits[e][mu]).fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = (0..e_n).map(|e| (logits[e][mu] - mx).exp()).collect();
+        let z = w.iter().sum::<f64>() / e_n as f64;
+        let pi: Vec<f64> = w.iter().map(|v| v / z).collect();
+        let mean_lpi = (0..e_n).map(|e| load[e] * pi[e]).sum::<f64>() / e_n as f64;
+        for e in 0..e_n {
+            out[[e, mu]] = scale * kappa * pi[e] * (load[e] - mean_lpi);
+        }
+    }
+    out
+}
+
 /// Linear-interpolation quantile of sorted data.
 pub(crate) fn quantile_sorted(sorted: &[f64], level: f64) -> f64 {
     if sorted.is_empty() {
@@ -601,4 +633,38 @@ pub(crate) fn quantile_sorted(sorted: &[f64], level: f64) -> f64 {
     let lo = pos.floor() as usize;
     let hi = pos.ceil() as usize;
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{aux_losses, route, RoutingConfig};
+
+    /// The solver's Switch-loss logit gradient is the finite network's (`routing::aux_losses`) in the
+    /// sites' units: `kappa M / beta` times dL/dr, here with beta = 1.
+    #[test]
+    fn switch_gradient_matches_the_finite_layer() {
+        let (m, p, k, alpha) = (32, 12, 8, 0.3);
+        let kappa = k as f64 / m as f64;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let logits = Array2::from_shape_fn((p, m), |_| 0.7 * rng.sample::<f64, _>(StandardNormal));
+        let cfg = RoutingConfig { balance_loss: alpha, ..RoutingConfig::default() };
+        let routing = route(logits.view(), Array1::zeros(m).view(), k, &cfg, &mut rng).unwrap();
+        let (_, finite) = aux_losses(logits.view(), &routing, &cfg);
+        let mut active = Array2::from_elem((m, p), false);
+        for t in 0..p {
+            for j in 0..k {
+                active[[routing.selected[[t, j]], t]] = true;
+            }
+        }
+        let per_expert: Vec<Array1<f64>> = (0..m).map(|e| logits.column(e).to_owned()).collect();
+        let sites = switch_logit_grad(&per_expert, &active, kappa, alpha / p as f64);
+        for e in 0..m {
+            for t in 0..p {
+                let want = kappa * m as f64 * finite[[t, e]];
+                assert!((sites[[e, t]] - want).abs() < 1e-12 * (1.0 + want.abs()), "e {e} t {t}: {} vs {want}", sites[[e, t]]);
+            }
+        }
+        assert!(sites.iter().any(|v| v.abs() > 1e-3), "a non-trivial gradient");
+    }
 }
