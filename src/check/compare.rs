@@ -393,9 +393,9 @@ fn quantiles(mut v: Vec<f64>) -> Vec<f64> {
 /// Seed offset of the routing tie-break stream of a finite run.
 const TIE_STREAM: u64 = 0x7a11;
 
-/// Folds and ridge (relative, on standardised controls) of the control-variate regression.
+/// Folds and candidate ridges (relative, on standardised controls) of the control-variate regression.
 const CONTROL_FOLDS: usize = 8;
-const CONTROL_RIDGE: f64 = 1e-3;
+const CONTROL_RIDGES: [f64; 5] = [1e-3, 1e-2, 1e-1, 1.0, 10.0];
 
 /// Trains one finite network in the mean-field form with full-batch SGD for `cfg.steps` steps.
 pub fn train_finite(cfg: &SolveConfig, task: &Task, sizes: &Sizes, seed: u64) -> Result<FiniteRun> {
@@ -673,7 +673,7 @@ pub fn run_compare_with(spec: &CompareSpec, store: Option<&RunStore>) -> Result<
             })?;
         }
         let ctl: Vec<Vec<Vec<f64>>> = per_size.iter().map(|r| group_means(r, group, |x| &x.controls)).collect();
-        control::adjust(&raw, &ctl, CONTROL_FOLDS, CONTROL_RIDGE)?
+        control::adjust(&raw, &ctl, CONTROL_FOLDS, &CONTROL_RIDGES)?
     } else {
         raw.clone()
     };

@@ -104,9 +104,17 @@ pub fn init_controls(model: &MoeResNet<f64>, hp: &Resolved) -> Result<Vec<f64>> 
 /// group-mean controls (mean zero). Group g of size s falls in fold g mod `folds`; its coefficients
 /// (one per step and control, ridge-regularised least squares on standardised controls) are fitted on
 /// every other group of every size, each size centred on its own means, so they are independent of
-/// the group they adjust and `curve - beta . controls` keeps the group's expectation exactly. Returns
+/// the group they adjust and `curve - beta . controls` keeps the group's expectation exactly. The ridge
+/// (relative to the standardised Gram diagonal) is the one of `ridges` with the smallest inner 5-fold
+/// prediction error on that training set: small when groups far outnumber controls, large when they do
+/// not (a few groups per size), where an unshrunk fit would add noise instead of removing it. Returns
 /// the adjusted curves in the same layout.
-pub fn adjust(curves: &[Vec<Vec<f64>>], controls: &[Vec<Vec<f64>>], folds: usize, ridge: f64) -> Result<Vec<Vec<Vec<f64>>>> {
+pub fn adjust(
+    curves: &[Vec<Vec<f64>>],
+    controls: &[Vec<Vec<f64>>],
+    folds: usize,
+    ridges: &[f64],
+) -> Result<Vec<Vec<Vec<f64>>>> {
     let folds = folds.max(2);
     let f = controls.iter().flatten().map(|c| c.len()).next().unwrap_or(0);
     let t = curves.iter().flatten().map(|c| c.len()).next().unwrap_or(0);
@@ -147,15 +155,8 @@ pub fn adjust(curves: &[Vec<Vec<f64>>], controls: &[Vec<Vec<f64>>], folds: usize
             let scale: DVector<f64> =
                 DVector::from_fn(f, |j, _| (x.column(j).norm_squared() / rows as f64).sqrt().max(1e-300));
             let xs = DMatrix::from_fn(rows, f, |i, j| x[(i, j)] / scale[j]);
-            let mut gram = xs.transpose() * &xs;
-            for j in 0..f {
-                gram[(j, j)] += ridge * rows as f64;
-            }
-            let rhs = xs.transpose() * &y;
-            let beta = gram
-                .cholesky()
-                .ok_or_else(|| Error::Internal("control variates: singular normal equations".into()))?
-                .solve(&rhs);
+            let ridge = choose_ridge(&xs, &y, ridges)?;
+            let beta = ridge_fit(&xs, &y, ridge)?;
             for g in (0..curves[s].len()).filter(|&g| g % folds == fold) {
                 let c = DVector::from_fn(f, |j, _| controls[s][g][j] / scale[j]);
                 let shift = beta.transpose() * c; // t x 1
@@ -166,6 +167,43 @@ pub fn adjust(curves: &[Vec<Vec<f64>>], controls: &[Vec<Vec<f64>>], folds: usize
         }
     }
     Ok(adjusted)
+}
+
+/// Ridge least squares `(X^T X + ridge rows I)^-1 X^T Y` (all columns of Y at once).
+fn ridge_fit(x: &DMatrix<f64>, y: &DMatrix<f64>, ridge: f64) -> Result<DMatrix<f64>> {
+    let mut gram = x.transpose() * x;
+    for j in 0..x.ncols() {
+        gram[(j, j)] += ridge * x.nrows() as f64;
+    }
+    Ok(gram
+        .cholesky()
+        .ok_or_else(|| Error::Internal("control variates: singular normal equations".into()))?
+        .solve(&(x.transpose() * y)))
+}
+
+/// The ridge of `ridges` with the least squared prediction error, summed over steps, in a 5-fold split
+/// of the rows (row i in fold i mod 5).
+fn choose_ridge(x: &DMatrix<f64>, y: &DMatrix<f64>, ridges: &[f64]) -> Result<f64> {
+    const INNER: usize = 5;
+    let rows = x.nrows();
+    if ridges.len() < 2 || rows < 2 * INNER {
+        return Ok(ridges.iter().copied().fold(0.0, f64::max));
+    }
+    let mut best = (f64::INFINITY, ridges[0]);
+    for &ridge in ridges {
+        let mut sse = 0.0;
+        for fold in 0..INNER {
+            let train: Vec<usize> = (0..rows).filter(|i| i % INNER != fold).collect();
+            let test: Vec<usize> = (0..rows).filter(|i| i % INNER == fold).collect();
+            let beta = ridge_fit(&x.select_rows(&train), &y.select_rows(&train), ridge)?;
+            let resid = y.select_rows(&test) - x.select_rows(&test) * beta;
+            sse += resid.norm_squared();
+        }
+        if sse < best.0 {
+            best = (sse, ridge);
+        }
+    }
+    Ok(best.1)
 }
 
 #[cfg(test)]
@@ -197,7 +235,7 @@ mod tests {
             curves.push(cs);
             controls.push(xs);
         }
-        let adj = adjust(&curves, &controls, 8, 1e-6).unwrap();
+        let adj = adjust(&curves, &controls, 8, &[1e-6, 1e-2, 1.0]).unwrap();
         for s in 0..sizes {
             for j in 0..2 {
                 let col: Vec<f64> = adj[s].iter().map(|c| c[j]).collect();
