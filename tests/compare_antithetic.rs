@@ -5,7 +5,7 @@ use moe_dmft::check::compare::{
     CompareResult, CompareSpec, RunStore,
 };
 use moe_dmft::data::make_task;
-use moe_dmft::dmft::{Resolution, SolveConfig};
+use moe_dmft::dmft::SolveConfig;
 use moe_dmft::model::resnet::{MoeResNet, ResNetConfig};
 use moe_dmft::model::{Batch, Model};
 use moe_dmft::param::Sizes;
@@ -17,12 +17,9 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap()
 }
 
+/// A fast solver side: 256 expert x 64 neuron samples, 2 repeats.
 fn small_solve(steps: usize) -> SolveConfig {
-    SolveConfig {
-        steps,
-        resolution: Resolution { expert_samples: 256, neuron_samples: 64, repeats: 2 },
-        ..SolveConfig::default()
-    }
+    SolveConfig { steps, ..SolveConfig::default() }.with_resolution(256, 64, 2)
 }
 
 #[test]

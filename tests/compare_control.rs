@@ -4,15 +4,12 @@
 use moe_dmft::check::compare::{controls_of, fit_shared_rate, run_compare, Antithetic, CompareSpec};
 use moe_dmft::check::control::control_names;
 use moe_dmft::data::make_task;
-use moe_dmft::dmft::{Resolution, SolveConfig};
+use moe_dmft::dmft::SolveConfig;
 use moe_dmft::param::Sizes;
 
+/// A fast solver side: 256 expert x 64 neuron samples, 2 repeats.
 fn small_solve(steps: usize) -> SolveConfig {
-    SolveConfig {
-        steps,
-        resolution: Resolution { expert_samples: 256, neuron_samples: 64, repeats: 2 },
-        ..SolveConfig::default()
-    }
+    SolveConfig { steps, ..SolveConfig::default() }.with_resolution(256, 64, 2)
 }
 
 /// Every control is centred: over 400 seeds its mean is within 4 standard errors of 0, and the

@@ -985,8 +985,11 @@ fn fit_gap_rate(
             .iter()
             .map(|c| {
                 let pick: Vec<Vec<f64>> = resample(c, &mut rng).into_iter().cloned().collect();
-                gb.push(signed_gap(&pick, &dmft.loss, &no_solver).0);
-                (gap_sq(&pick, &dmft.loss, &dvar), signed_gap(&pick, &dmft.loss, &dvar).0[0])
+                // The gap itself does not depend on the solver variance (only its error does).
+                let g = signed_gap(&pick, &dmft.loss, &no_solver).0;
+                let g0 = g[0];
+                gb.push(g);
+                (gap_sq(&pick, &dmft.loss, &dvar), g0)
             })
             .unzip();
         leads.push(fit_shared_rate(x, &gb, &lead_se, Some(1.0)).0);
