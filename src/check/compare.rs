@@ -867,6 +867,24 @@ fn sd(v: &[f64]) -> f64 {
     var(&ok).sqrt()
 }
 
+/// Minimum of `f` on [lo, hi]: a scan of `grid + 1` points, refined by `iters` golden-section steps
+/// between the best point's neighbours.
+fn scan_minimum(f: &dyn Fn(f64) -> f64, lo: f64, hi: f64, grid: usize, iters: usize) -> f64 {
+    let ps: Vec<f64> = (0..=grid).map(|i| lo + (hi - lo) * i as f64 / grid as f64).collect();
+    let best = (0..ps.len()).min_by(|&i, &j| f(ps[i]).total_cmp(&f(ps[j]))).unwrap_or(0);
+    let (mut a, mut b) = (ps[best.saturating_sub(1)], ps[(best + 1).min(grid)]);
+    let g = 0.5 * (5f64.sqrt() - 1.0);
+    for _ in 0..iters {
+        let (c, d) = (b - g * (b - a), a + g * (b - a));
+        if f(c) < f(d) {
+            b = d;
+        } else {
+            a = c;
+        }
+    }
+    0.5 * (a + b)
+}
+
 /// Largest exponent [`fit_pure_power`] scans.
 pub const PURE_POWER_MAX: f64 = 8.0;
 
@@ -885,20 +903,7 @@ pub fn fit_pure_power(x: &[f64], y: &[f64], sigma: &[f64]) -> (f64, f64, f64) {
         let b = sxy / sxx;
         (b, (0..x.len()).map(|i| w[i] * (y[i] - b * x[i].powf(-p)).powi(2)).sum())
     };
-    let (lo, hi, grid) = (0.0, PURE_POWER_MAX, 400);
-    let ps: Vec<f64> = (0..=grid).map(|i| lo + (hi - lo) * i as f64 / grid as f64).collect();
-    let best = (0..ps.len()).min_by(|&i, &j| chi2(ps[i]).1.total_cmp(&chi2(ps[j]).1)).unwrap_or(0);
-    let (mut a, mut b) = (ps[best.saturating_sub(1)], ps[(best + 1).min(grid)]);
-    let g = 0.5 * (5f64.sqrt() - 1.0);
-    for _ in 0..60 {
-        let (c, d) = (b - g * (b - a), a + g * (b - a));
-        if chi2(c).1 < chi2(d).1 {
-            b = d;
-        } else {
-            a = c;
-        }
-    }
-    let p = 0.5 * (a + b);
+    let p = scan_minimum(&|p| chi2(p).1, 0.0, PURE_POWER_MAX, 400, 60);
     let (bb, c2) = chi2(p);
     (p, bb, c2)
 }
@@ -933,20 +938,7 @@ pub fn fit_shared_rate(x: &[f64], g: &[Vec<f64>], se: &[Vec<f64>], correction: O
         }
         total
     };
-    let grid = 300;
-    let ps: Vec<f64> = (0..=grid).map(|i| 3.0 * i as f64 / grid as f64).collect();
-    let best = (0..ps.len()).min_by(|&i, &j| chi2(ps[i]).total_cmp(&chi2(ps[j]))).unwrap_or(0);
-    let (mut a, mut b) = (ps[best.saturating_sub(1)], ps[(best + 1).min(grid)]);
-    let gr = 0.5 * (5f64.sqrt() - 1.0);
-    for _ in 0..50 {
-        let (c, d) = (b - gr * (b - a), a + gr * (b - a));
-        if chi2(c) < chi2(d) {
-            b = d;
-        } else {
-            a = c;
-        }
-    }
-    let p = 0.5 * (a + b);
+    let p = scan_minimum(&chi2, 0.0, 3.0, 300, 50);
     (p, chi2(p))
 }
 
