@@ -161,6 +161,30 @@ fn shards_in_parallel_processes_partition_the_grid() {
     let o = sweep_cmd(&config, &out, &["--summary-only"]).output().unwrap();
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("16 of 16 grid points done"));
+
+    // `figures` puts the finished sweep's optimum-LR table into the validation report.
+    let validation = dir.path().join("validation");
+    let named = validation.join("sweeps/results/width_moe-completep");
+    std::fs::create_dir_all(named.parent().unwrap()).unwrap();
+    std::fs::rename(&out, &named).unwrap();
+    let report = dir.path().join("REPORT.md");
+    let o = Command::new(BIN)
+        .args(["figures", "--validation"])
+        .arg(&validation)
+        .arg("--out")
+        .arg(dir.path().join("figures"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&report).unwrap();
+    let section = &text[text.find("## HP transfer on text").expect("no HP-transfer section")..];
+    for preset in ["moe-completep", "sp"] {
+        let row = section.lines().find(|l| l.starts_with(&format!("| width | {preset} |"))).expect(preset);
+        assert!(row.contains("16: ") && row.contains("32: ") && row.contains("8 (0) / 8"), "{row}");
+    }
+    assert!(section.contains("Not run yet: `width_sp`, `width_mup`, `depth_moe-completep`"), "{section}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `moe-dmft figures`: regenerates `figures/` (PNG and SVG) from the results under `validation/`
 //! (`coord/*.json` from `coord-check --out`, `compare/compare.json` from `compare --out`) and writes
 //! `validation/REPORT.md`: predicted vs measured exponents with uncertainties, convergence rates,
-//! figure links and the exact commands.
+//! the HP-transfer table over the finished sweeps (`sweeps/results/*/summary.json`), figure links and
+//! the exact commands.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use crate::check::coord::{identified, optimizer_name, verdict_name, CoordResult,
 use crate::dmft::LOAD_QUANTILES;
 use crate::param::Axis;
 use crate::plot::{line_plot, panel_grid, Panel, Series};
+use crate::train::sweep::{transfer_markdown, SweepSummary};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Args)]
@@ -308,6 +310,7 @@ pub fn report(
     results: &[CoordResult],
     transformer: &[CoordResult],
     compare: Option<&CompareResult>,
+    sweeps: &[(PathBuf, SweepSummary)],
     figures: &[PathBuf],
     report_path: &Path,
 ) -> String {
@@ -382,9 +385,7 @@ pub fn report(
             s.push('\n');
         }
     }
-    // The HP-transfer sweeps keep their own report, written by `moe-dmft sweep --collect`.
-    s.push_str("## HP transfer on text\n\nLR sweeps of the MoE-Transformer along the four axes: see ");
-    s.push_str("[sweeps/REPORT.md](sweeps/REPORT.md) (configs, what ran, optimum-LR drift per preset).\n\n");
+    s.push_str(&sweeps_section(sweeps, report_path));
     s.push_str("## Figures\n\n");
     for f in figures.iter().filter(|f| f.extension().is_some_and(|e| e == "png")) {
         s.push_str(&format!("- [{}]({})\n", f.display(), rel(f, report_path)));
@@ -423,6 +424,79 @@ or the change per unit initial residual agrees while the residual tends to |y| >
 
 ";
 
+/// The HP-transfer sweeps of issue 6: one per (axis, preset), in this order in the report.
+const SWEEP_AXES: [&str; 4] = ["width", "depth", "experts", "expert_hidden"];
+const SWEEP_PRESETS: [&str; 3] = ["moe-completep", "sp", "mup"];
+
+/// The sweep summaries under `dir` (`<name>/summary.json`, written by `moe-dmft sweep`): the
+/// `<axis>_<preset>` sweeps in axis-then-preset order, then any follow-up sweeps by name. A folder
+/// without a summary (a sweep still running) is skipped.
+pub fn load_sweeps(dir: &Path) -> Result<Vec<(PathBuf, SweepSummary)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
+    let mut found: Vec<(usize, String, PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path().join("summary.json");
+        if !path.is_file() {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rank = SWEEP_AXES
+            .iter()
+            .flat_map(|a| SWEEP_PRESETS.iter().map(move |p| format!("{a}_{p}")))
+            .position(|n| n == name)
+            .unwrap_or(usize::MAX);
+        found.push((rank, name, path));
+    }
+    found.sort();
+    found.into_iter().map(|(_, _, path)| Ok((path.clone(), read_json(&path)?))).collect()
+}
+
+/// The report's HP-transfer section: the across-sweep table of optimum LR per size and drift, which of
+/// the twelve (axis, preset) sweeps have not run, and the figures `sweep --collect` draws.
+fn sweeps_section(sweeps: &[(PathBuf, SweepSummary)], report_path: &Path) -> String {
+    let mut s = String::from("## HP transfer on text\n\n");
+    s.push_str(
+        "LR sweeps of the MoE-Transformer (char-level Shakespeare, Adam) along the four axes, one table row \
+         per sweep under `validation/sweeps/results/`. Optimum: vertex of a parabola of the final validation \
+         loss in log2 LR near the best grid point, +- one standard deviation; drift in log2 units across the \
+         axis, judged against 0.5. Configs, budgets and findings: [sweeps/REPORT.md](sweeps/REPORT.md).\n\n",
+    );
+    if sweeps.is_empty() {
+        s.push_str("No sweep has finished yet (`bash validation/sweeps/run_all.sh`).\n\n");
+        return s;
+    }
+    let names: Vec<String> = sweeps
+        .iter()
+        .map(|(p, _)| p.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
+        .collect();
+    let summaries: Vec<SweepSummary> = sweeps.iter().map(|(_, sum)| sum.clone()).collect();
+    s.push_str(&transfer_markdown(&summaries, 0.5));
+    s.push_str(&format!("\nSweeps: {}.\n", names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")));
+    let missing: Vec<String> = SWEEP_AXES
+        .iter()
+        .flat_map(|a| SWEEP_PRESETS.iter().map(move |p| format!("{a}_{p}")))
+        .filter(|n| !names.contains(n))
+        .collect();
+    if !missing.is_empty() {
+        s.push_str(&format!("Not run yet: {}.\n", missing.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")));
+    }
+    let incomplete: Vec<String> =
+        names.iter().zip(&summaries).filter(|(_, sum)| sum.done < sum.grid_points).map(|(n, sum)| format!("`{n}` ({}/{})", sum.done, sum.grid_points)).collect();
+    if !incomplete.is_empty() {
+        s.push_str(&format!("Unfinished (points done / grid): {}.\n", incomplete.join(", ")));
+    }
+    s.push('\n');
+    // The across-sweep figures are drawn by `sweep --collect` next to its table.
+    let transfer = sweeps[0].0.parent().and_then(Path::parent).map(|d| d.join("transfer"));
+    for f in ["transfer_lr_curves", "transfer_drift"] {
+        if let Some(png) = transfer.as_ref().map(|d| d.join(format!("{f}.png"))).filter(|p| p.is_file()) {
+            s.push_str(&format!("![{f}]({})\n", rel(&png, report_path)));
+        }
+    }
+    s.push('\n');
+    s
+}
+
 /// The commands `validation/run_all.sh` runs (kept here so the report states them exactly).
 pub const COMMANDS: &str = include_str!("../../validation/commands.txt");
 
@@ -430,7 +504,8 @@ pub fn run(args: Args) -> Result<()> {
     let (coord, transformer) = load_coord_split(&args.validation.join("coord"))?;
     let compare_path = args.validation.join("compare").join("compare.json");
     let compare: Option<CompareResult> = if compare_path.exists() { Some(read_json(&compare_path)?) } else { None };
-    if coord.is_empty() && transformer.is_empty() && compare.is_none() {
+    let sweeps = load_sweeps(&args.validation.join("sweeps").join("results"))?;
+    if coord.is_empty() && transformer.is_empty() && compare.is_none() && sweeps.is_empty() {
         return Err(Error::Unavailable {
             what: "validation results".into(),
             reason: format!("nothing under {} (run validation/run_all.sh first)", args.validation.display()),
@@ -442,7 +517,7 @@ pub fn run(args: Args) -> Result<()> {
         figures.extend(compare_figures(c, &args.out)?);
     }
     let report_path = args.report.clone().unwrap_or_else(|| args.validation.join("REPORT.md"));
-    let text = report(&coord, &transformer, compare.as_ref(), &figures, &report_path);
+    let text = report(&coord, &transformer, compare.as_ref(), &sweeps, &figures, &report_path);
     std::fs::write(&report_path, text).map_err(|source| Error::Write { path: report_path.clone(), source })?;
     for f in &figures {
         println!("{}", f.display());
