@@ -31,3 +31,22 @@ fn every_axis_and_preset_has_a_valid_sweep_config() {
         assert!(budgets.windows(2).all(|w| w[0] == w[1]), "{}: {budgets:?}", axis.name());
     }
 }
+
+#[test]
+fn every_sweep_config_under_validation_is_valid() {
+    // Follow-up and tiny sweeps too: a config that no longer parses would only fail when someone reruns it.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let cfg = SweepConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for p in cfg.points().unwrap() {
+            TrainRunner.check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
+        }
+        n += 1;
+    }
+    assert!(n >= 14, "found {n} sweep configs");
+}
