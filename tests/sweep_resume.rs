@@ -181,7 +181,7 @@ fn shards_in_parallel_processes_partition_the_grid() {
     let text = std::fs::read_to_string(&report).unwrap();
     let section = &text[text.find("## HP transfer on text").expect("no HP-transfer section")..];
     for preset in ["moe-completep", "sp"] {
-        let row = section.lines().find(|l| l.starts_with(&format!("| width | {preset} |"))).expect(preset);
+        let row = section.lines().find(|l| l.starts_with(&format!("| width_moe-completep | width | {preset} |"))).expect(preset);
         assert!(row.contains("16: ") && row.contains("32: ") && row.contains("8 (0) / 8"), "{row}");
     }
     assert!(section.contains("Not run yet: `width_sp`, `width_mup`, `depth_moe-completep`"), "{section}");

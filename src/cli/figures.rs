@@ -310,7 +310,8 @@ pub fn report(
     results: &[CoordResult],
     transformer: &[CoordResult],
     compare: Option<&CompareResult>,
-    sweeps: &[(PathBuf, SweepSummary)],
+    sweeps: &[(String, SweepSummary)],
+    sweeps_results: &Path,
     figures: &[PathBuf],
     report_path: &Path,
 ) -> String {
@@ -385,7 +386,7 @@ pub fn report(
             s.push('\n');
         }
     }
-    s.push_str(&sweeps_section(sweeps, report_path));
+    s.push_str(&sweeps_section(sweeps, sweeps_results, report_path));
     s.push_str("## Figures\n\n");
     for f in figures.iter().filter(|f| f.extension().is_some_and(|e| e == "png")) {
         s.push_str(&format!("- [{}]({})\n", f.display(), rel(f, report_path)));
@@ -428,32 +429,32 @@ or the change per unit initial residual agrees while the residual tends to |y| >
 const SWEEP_AXES: [&str; 4] = ["width", "depth", "experts", "expert_hidden"];
 const SWEEP_PRESETS: [&str; 3] = ["moe-completep", "sp", "mup"];
 
-/// The sweep summaries under `dir` (`<name>/summary.json`, written by `moe-dmft sweep`): the
-/// `<axis>_<preset>` sweeps in axis-then-preset order, then any follow-up sweeps by name. A folder
-/// without a summary (a sweep still running) is skipped.
-pub fn load_sweeps(dir: &Path) -> Result<Vec<(PathBuf, SweepSummary)>> {
+/// The sweep summaries under `dir` (`<name>/summary.json`, written by `moe-dmft sweep`), named by their
+/// folder: the `<axis>_<preset>` sweeps in axis-then-preset order, then any follow-up sweeps by name. A
+/// folder without a summary (a sweep still running) is skipped.
+pub fn load_sweeps(dir: &Path) -> Result<Vec<(String, SweepSummary)>> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
-    let mut found: Vec<(usize, String, PathBuf)> = Vec::new();
+    let mut found: Vec<(usize, String)> = Vec::new();
     for e in entries.flatten() {
-        let path = e.path().join("summary.json");
-        if !path.is_file() {
+        if !e.path().join("summary.json").is_file() {
             continue;
         }
         let name = e.file_name().to_string_lossy().into_owned();
-        let rank = SWEEP_AXES
-            .iter()
-            .flat_map(|a| SWEEP_PRESETS.iter().map(move |p| format!("{a}_{p}")))
-            .position(|n| n == name)
-            .unwrap_or(usize::MAX);
-        found.push((rank, name, path));
+        found.push((canonical_sweeps().position(|n| n == name).unwrap_or(usize::MAX), name));
     }
     found.sort();
-    found.into_iter().map(|(_, _, path)| Ok((path.clone(), read_json(&path)?))).collect()
+    found.into_iter().map(|(_, name)| Ok((name.clone(), read_json(&dir.join(&name).join("summary.json"))?))).collect()
+}
+
+/// `<axis>_<preset>` for the twelve sweeps of issue 6, in report order.
+fn canonical_sweeps() -> impl Iterator<Item = String> {
+    SWEEP_AXES.iter().flat_map(|a| SWEEP_PRESETS.iter().map(move |p| format!("{a}_{p}")))
 }
 
 /// The report's HP-transfer section: the across-sweep table of optimum LR per size and drift, which of
-/// the twelve (axis, preset) sweeps have not run, and the figures `sweep --collect` draws.
-fn sweeps_section(sweeps: &[(PathBuf, SweepSummary)], report_path: &Path) -> String {
+/// the twelve (axis, preset) sweeps have not run, and the figures `sweep --collect` draws into
+/// `<results>/transfer/`.
+fn sweeps_section(sweeps: &[(String, SweepSummary)], results: &Path, report_path: &Path) -> String {
     let mut s = String::from("## HP transfer on text\n\n");
     s.push_str(
         "LR sweeps of the MoE-Transformer (char-level Shakespeare, Adam) along the four axes, one table row \
@@ -465,31 +466,24 @@ fn sweeps_section(sweeps: &[(PathBuf, SweepSummary)], report_path: &Path) -> Str
         s.push_str("No sweep has finished yet (`bash validation/sweeps/run_all.sh`).\n\n");
         return s;
     }
-    let names: Vec<String> = sweeps
-        .iter()
-        .map(|(p, _)| p.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
-        .collect();
-    let summaries: Vec<SweepSummary> = sweeps.iter().map(|(_, sum)| sum.clone()).collect();
-    s.push_str(&transfer_markdown(&summaries, 0.5));
-    s.push_str(&format!("\nSweeps: {}.\n", names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")));
-    let missing: Vec<String> = SWEEP_AXES
-        .iter()
-        .flat_map(|a| SWEEP_PRESETS.iter().map(move |p| format!("{a}_{p}")))
-        .filter(|n| !names.contains(n))
-        .collect();
-    if !missing.is_empty() {
-        s.push_str(&format!("Not run yet: {}.\n", missing.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")));
-    }
-    let incomplete: Vec<String> =
-        names.iter().zip(&summaries).filter(|(_, sum)| sum.done < sum.grid_points).map(|(n, sum)| format!("`{n}` ({}/{})", sum.done, sum.grid_points)).collect();
-    if !incomplete.is_empty() {
-        s.push_str(&format!("Unfinished (points done / grid): {}.\n", incomplete.join(", ")));
-    }
+    s.push_str(&transfer_markdown(sweeps, 0.5));
     s.push('\n');
-    // The across-sweep figures are drawn by `sweep --collect` next to its table.
-    let transfer = sweeps[0].0.parent().and_then(Path::parent).map(|d| d.join("transfer"));
+    let missing: Vec<String> =
+        canonical_sweeps().filter(|n| !sweeps.iter().any(|(name, _)| name == n)).map(|n| format!("`{n}`")).collect();
+    if !missing.is_empty() {
+        s.push_str(&format!("Not run yet: {}.\n\n", missing.join(", ")));
+    }
+    let incomplete: Vec<String> = sweeps
+        .iter()
+        .filter(|(_, sum)| sum.done < sum.grid_points)
+        .map(|(n, sum)| format!("`{n}` ({}/{})", sum.done, sum.grid_points))
+        .collect();
+    if !incomplete.is_empty() {
+        s.push_str(&format!("Unfinished (points done / grid): {}.\n\n", incomplete.join(", ")));
+    }
     for f in ["transfer_lr_curves", "transfer_drift"] {
-        if let Some(png) = transfer.as_ref().map(|d| d.join(format!("{f}.png"))).filter(|p| p.is_file()) {
+        let png = results.join("transfer").join(format!("{f}.png"));
+        if png.is_file() {
             s.push_str(&format!("![{f}]({})\n", rel(&png, report_path)));
         }
     }
@@ -504,7 +498,8 @@ pub fn run(args: Args) -> Result<()> {
     let (coord, transformer) = load_coord_split(&args.validation.join("coord"))?;
     let compare_path = args.validation.join("compare").join("compare.json");
     let compare: Option<CompareResult> = if compare_path.exists() { Some(read_json(&compare_path)?) } else { None };
-    let sweeps = load_sweeps(&args.validation.join("sweeps").join("results"))?;
+    let sweeps_results = args.validation.join("sweeps").join("results");
+    let sweeps = load_sweeps(&sweeps_results)?;
     if coord.is_empty() && transformer.is_empty() && compare.is_none() && sweeps.is_empty() {
         return Err(Error::Unavailable {
             what: "validation results".into(),
@@ -517,7 +512,7 @@ pub fn run(args: Args) -> Result<()> {
         figures.extend(compare_figures(c, &args.out)?);
     }
     let report_path = args.report.clone().unwrap_or_else(|| args.validation.join("REPORT.md"));
-    let text = report(&coord, &transformer, compare.as_ref(), &sweeps, &figures, &report_path);
+    let text = report(&coord, &transformer, compare.as_ref(), &sweeps, &sweeps_results, &figures, &report_path);
     std::fs::write(&report_path, text).map_err(|source| Error::Write { path: report_path.clone(), source })?;
     for f in &figures {
         println!("{}", f.display());

@@ -937,13 +937,13 @@ impl SweepSummary {
 /// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5): `yes` when the drift plus one standard
 /// deviation is within it, `no` when the drift minus one standard deviation exceeds it, `undecided`
 /// otherwise or when an optimum is missing or sits on the edge of the grid.
-pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
+pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "| axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | within {tolerance} | runs (diverged) / grid | run wall time |\n"
+        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | within {tolerance} | runs (diverged) / grid | run wall time |\n"
     ));
-    s.push_str("| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |\n");
-    for sum in summaries {
+    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |\n");
+    for (name, sum) in summaries {
         for p in &sum.presets {
             let optima: Vec<String> = p
                 .sizes
@@ -988,7 +988,7 @@ pub fn transfer_markdown(summaries: &[SweepSummary], tolerance: f64) -> String {
             let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
             let grid = sum.grid_points / sum.presets.len().max(1);
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {drift} | {slope} | {verdict} | {} ({diverged}) / {grid} | {:.0} s |\n",
+                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {verdict} | {} ({diverged}) / {grid} | {:.0} s |\n",
                 sum.axis.name(),
                 p.label(),
                 sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
@@ -1020,9 +1020,14 @@ pub fn collect(dirs: &[PathBuf], out: &Path, tolerance: f64) -> Result<Vec<Sweep
          in log2 units across the whole range of each axis. Sweeps: {}.\n\n",
         dirs.iter().map(|d| format!("`{}`", d.display())).collect::<Vec<_>>().join(", ")
     ));
-    md.push_str(&transfer_markdown(&summaries, tolerance));
+    let named: Vec<(String, SweepSummary)> = dirs
+        .iter()
+        .zip(&summaries)
+        .map(|(d, s)| (d.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()), s.clone()))
+        .collect();
+    md.push_str(&transfer_markdown(&named, tolerance));
     write_atomic(&out.join("transfer.md"), md.as_bytes())?;
-    figures::write_transfer_figures(&summaries, out)?;
+    figures::write_transfer_figures(&named, out)?;
     Ok(summaries)
 }
 

@@ -32,5 +32,21 @@ for axis in "${axes[@]}"; do
     dirs+=("validation/sweeps/results/$name")
   done
 done
+# Follow-ups (see the configs' headers): the depth shift L = 2 -> 4 with three seeds on half-step LRs, and
+# the expert-hidden basin on half-step LRs (reusing the main sweep's integer-LR runs, which a rerun
+# reproduces bit for bit).
+if [ $# -eq 0 ]; then
+  "$bin" sweep --config validation/sweeps/depth_moe-completep_seeds.toml \
+    --out validation/sweeps/results/depth_moe-completep_seeds --resume
+  fine=validation/sweeps/results/expert_hidden_moe-completep_fine
+  mkdir -p "$fine/runs"
+  for lr in 007 006 005; do
+    for run in validation/sweeps/results/expert_hidden_moe-completep/runs/*-lr-$lr.000-s0; do
+      [ -e "$fine/runs/$(basename "$run")" ] || cp -r "$run" "$fine/runs/"
+    done
+  done
+  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_fine.toml --out "$fine" --resume
+  dirs+=(validation/sweeps/results/depth_moe-completep_seeds "$fine")
+fi
 "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
 cat validation/sweeps/results/transfer/transfer.md
