@@ -1256,16 +1256,17 @@ mod tests {
         assert_eq!(sums[0].tokens_per_run, Some(100));
         let md = std::fs::read_to_string(out.join("transfer.md")).unwrap();
         let row = |axis: &str, preset: &str| -> Vec<String> {
-            let line = md.lines().find(|l| l.starts_with(&format!("| {axis} | {preset} |"))).unwrap();
+            // The sweep column names the folder (here the axis).
+            let line = md.lines().find(|l| l.starts_with(&format!("| {axis} | {axis} | {preset} |"))).unwrap();
             line.split('|').map(|c| c.trim().to_string()).collect()
         };
-        // Columns: 4 optima, 5 drift, 6 per doubling, 7 verdict. moe-completep: optimum -6 at every size;
+        // Columns: 5 optima, 6 drift, 7 per doubling, 8 verdict. moe-completep: optimum -6 at every size;
         // sp: -6, -6.5, -7 (drift 1.0 > 0.5).
         let r = row("width", "moe-completep");
-        assert!(r[5].starts_with("0.00") && r[6].starts_with("+0.00") && r[7] == "yes", "{md}");
+        assert!(r[6].starts_with("0.00") && r[7].starts_with("+0.00") && r[8] == "yes", "{md}");
         let r = row("expert_hidden", "sp");
-        assert!(r[5].starts_with("1.00") && r[6].starts_with("-0.50") && r[7] == "no", "{md}");
-        assert!(row("width", "sp")[4].contains("128: -7.00"), "{md}");
+        assert!(r[6].starts_with("1.00") && r[7].starts_with("-0.50") && r[8] == "no", "{md}");
+        assert!(row("width", "sp")[5].contains("128: -7.00"), "{md}");
         for f in ["transfer_lr_curves.png", "transfer_lr_curves.svg", "transfer_drift.png"] {
             assert!(out.join(f).is_file(), "{f}");
         }
