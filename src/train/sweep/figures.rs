@@ -88,11 +88,11 @@ pub fn write_transfer_figures(summaries: &[(String, SweepSummary)], dir: &Path) 
         let canonical = s.presets.len() == 1 && name == format!("{}_{}", s.axis.name(), s.presets[0].label());
         (!canonical).then(|| name.to_string())
     };
+    let labels: Vec<Option<String>> = summaries.iter().map(|(n, s)| label(n, s)).collect();
     let mut curves: Vec<Panel> = Vec::new();
-    for (name, s) in summaries {
-        let follow_up = label(name, s);
+    for ((_, s), follow_up) in summaries.iter().zip(&labels) {
         curves.extend(lr_curve_panels(s).into_iter().map(|mut p| {
-            if let Some(n) = &follow_up {
+            if let Some(n) = follow_up {
                 p.title = n.clone();
             }
             p
@@ -101,7 +101,6 @@ pub fn write_transfer_figures(summaries: &[(String, SweepSummary)], dir: &Path) 
     if !curves.is_empty() {
         files.extend(panel_grid(&dir.join("transfer_lr_curves"), "loss vs LR per (axis, preset)", &curves, curves.len().min(3))?);
     }
-    let labels: Vec<Option<String>> = summaries.iter().map(|(n, s)| label(n, s)).collect();
     let refs: Vec<(&SweepSummary, Option<&str>)> =
         summaries.iter().zip(&labels).map(|((_, s), l)| (s, l.as_deref())).collect();
     let drift = drift_panels(&refs);
