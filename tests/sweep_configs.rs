@@ -7,6 +7,15 @@ use std::path::Path;
 use moe_dmft::param::Axis;
 use moe_dmft::train::sweep::{PointRunner, SweepConfig, TrainRunner};
 
+/// Parses a sweep config and checks that every grid point is a train config the trainer accepts.
+fn valid_config(path: &Path) -> SweepConfig {
+    let cfg = SweepConfig::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for p in cfg.points().unwrap() {
+        TrainRunner.check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
+    }
+    cfg
+}
+
 #[test]
 fn every_axis_and_preset_has_a_valid_sweep_config() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
@@ -16,15 +25,12 @@ fn every_axis_and_preset_has_a_valid_sweep_config() {
         let mut budgets = Vec::new();
         for preset in ["moe-completep", "sp", "mup"] {
             let path = dir.join(format!("{}_{preset}.toml", axis.name()));
-            let cfg = SweepConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let cfg = valid_config(&path);
             assert_eq!(cfg.grid.axis, axis, "{}", path.display());
             assert_eq!(cfg.grid.presets, vec![preset.to_string()]);
             assert_eq!(cfg.grid.sizes.first(), Some(&lo));
             assert_eq!(cfg.grid.sizes.last(), Some(&hi));
             assert!(cfg.grid.lr_log2.len() >= 7, "an optimum needs room on both sides");
-            for p in cfg.points().unwrap() {
-                TrainRunner.check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
-            }
             budgets.push(cfg.base["steps"].as_integer().unwrap());
         }
         // The presets of one axis are compared at the same token budget.
@@ -42,10 +48,7 @@ fn every_sweep_config_under_validation_is_valid() {
         if path.extension().is_none_or(|x| x != "toml") {
             continue;
         }
-        let cfg = SweepConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        for p in cfg.points().unwrap() {
-            TrainRunner.check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
-        }
+        valid_config(&path);
         n += 1;
     }
     assert!(n >= 14, "found {n} sweep configs");
