@@ -53,3 +53,19 @@ fn every_sweep_config_under_validation_is_valid() {
     }
     assert!(n >= 14, "found {n} sweep configs");
 }
+
+#[test]
+fn width_mup_trains_the_networks_of_width_moe_completep_and_no_other_pair_does() {
+    // The report treats width x mup as the same experiment as width x moe-completep; this pins why. Along
+    // every other axis muP resolves to different hyperparameters (residual scaling along depth, expert_down
+    // rate along expert hidden, Adam epsilon along experts), so those sweeps are experiments of their own.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
+    let load = |name: &str| valid_config(&dir.join(format!("{name}.toml")));
+    for axis in ["width", "depth", "experts", "expert_hidden"] {
+        let reference = load(&format!("{axis}_moe-completep"));
+        for preset in ["sp", "mup"] {
+            let same = load(&format!("{axis}_{preset}")).same_networks(&reference).unwrap();
+            assert_eq!(same, axis == "width" && preset == "mup", "{axis}_{preset}");
+        }
+    }
+}

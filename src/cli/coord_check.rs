@@ -82,9 +82,7 @@ pub struct Args {
 pub fn parse_axis(s: &str) -> Result<Vec<Axis>> {
     match s {
         "all" => Ok(Axis::ALL.to_vec()),
-        _ => Axis::ALL
-            .into_iter()
-            .find(|a| a.name() == s)
+        _ => Axis::from_name(s)
             .map(|a| vec![a])
             .ok_or_else(|| Error::invalid("axis", format!("unknown axis `{s}`; expected width, depth, experts, expert_hidden or all"))),
     }

@@ -468,8 +468,14 @@ fn sweeps_section(sweeps: &[(String, SweepSummary)], results: &Path, report_path
     }
     s.push_str(&transfer_markdown(sweeps, 0.5));
     s.push('\n');
-    let missing: Vec<String> =
-        canonical_sweeps().filter(|n| !sweeps.iter().any(|(name, _)| name == n)).map(|n| format!("`{n}`")).collect();
+    let finished = |n: &str| sweeps.iter().any(|(name, sum)| name == n && sum.done == sum.grid_points);
+    let missing: Vec<String> = canonical_sweeps()
+        .filter(|n| !sweeps.iter().any(|(name, _)| name == n))
+        .map(|n| match results.parent().and_then(|configs| twin_sweep(configs, &n)) {
+            Some(twin) if finished(&twin) => format!("`{n}` (trains the same networks as `{twin}`, which ran)"),
+            _ => format!("`{n}`"),
+        })
+        .collect();
     if !missing.is_empty() {
         s.push_str(&format!("Not run yet: {}.\n\n", missing.join(", ")));
     }
@@ -487,6 +493,87 @@ fn sweeps_section(sweeps: &[(String, SweepSummary)], results: &Path, report_path
             s.push_str(&format!("![{f}]({})\n", rel(&png, report_path)));
         }
     }
+    s.push('\n');
+    if let Some(configs) = results.parent() {
+        s.push_str(&preset_differences_markdown(configs));
+    }
+    s
+}
+
+/// The moe-completep sweep of the same axis when `name`'s config trains exactly its networks
+/// (`SweepConfig::same_networks`; both configs under `configs`).
+fn twin_sweep(configs: &Path, name: &str) -> Option<String> {
+    use crate::train::sweep::SweepConfig;
+    let (axis, preset) = name.rsplit_once('_')?;
+    let twin = format!("{axis}_moe-completep");
+    if preset == "moe-completep" {
+        return None;
+    }
+    let load = |n: &str| SweepConfig::from_file(&configs.join(format!("{n}.toml"))).ok();
+    let (mine, theirs) = (load(name)?, load(&twin)?);
+    mine.same_networks(&theirs).ok()?.then_some(twin)
+}
+
+/// What each baseline preset ignores along each sweep axis, in numbers: the exponents in which its sweep's
+/// parameterization differs from the moe-completep sweep's along that axis (`param::diff`), read from the
+/// sweep configs `<configs>/<axis>_<preset>.toml` themselves. A sweep can only drift away from
+/// moe-completep's optimum through these differences. Axes whose configs are missing are left out.
+fn preset_differences_markdown(configs: &Path) -> String {
+    use crate::param::diff::{scaling_differences, ScalingDifference};
+    use crate::train::sweep::SweepConfig;
+    let load = |axis: &str, preset: &str| -> Option<Result<(SweepConfig, crate::param::Table)>> {
+        let path = configs.join(format!("{axis}_{preset}.toml"));
+        path.is_file().then(|| {
+            let cfg = SweepConfig::from_file(&path)?;
+            let first = cfg.points()?.into_iter().next().ok_or_else(|| Error::invalid("grid", "empty grid"))?;
+            let table = cfg.point_param_table(&first)?;
+            Ok((cfg, table))
+        })
+    };
+    let fmt = |d: &[&ScalingDifference]| -> String {
+        if d.is_empty() {
+            return "none".into();
+        }
+        d.iter()
+            .map(|d| format!("{} {} {:+} (moe-completep {:+})", d.group, d.quantity, d.exponent, d.reference_exponent))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut rows = String::new();
+    for axis_name in SWEEP_AXES {
+        let (Some(axis), Some(reference)) = (Axis::from_name(axis_name), load(axis_name, "moe-completep")) else { continue };
+        let reference = reference.map_err(|e| e.to_string());
+        for preset in SWEEP_PRESETS.iter().filter(|p| **p != "moe-completep") {
+            let Some(sweep) = load(axis_name, preset) else { continue };
+            let cells = (|| -> std::result::Result<String, String> {
+                let (ref_cfg, ref_table) = reference.as_ref().map_err(Clone::clone)?;
+                let (cfg, table) = sweep.map_err(|e| e.to_string())?;
+                let diffs = scaling_differences(&table, ref_table, axis);
+                let (eps, rest): (Vec<_>, Vec<_>) = diffs.iter().partition(|d| d.eps_only());
+                let same = if cfg.same_networks(ref_cfg).map_err(|e| e.to_string())? { "yes" } else { "no" };
+                Ok(format!("{} | {} | {same}", fmt(&rest), fmt(&eps)))
+            })()
+            .unwrap_or_else(|e| format!("config error: {e} | | "));
+            rows.push_str(&format!("| {axis_name} | {preset} | {cells} |\n"));
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("### What sp and mup ignore along each axis\n\n");
+    s.push_str(
+        "Exponents (of size / base size along the axis) in which the sweep's parameterization differs from the \
+         moe-completep sweep's, from the sweep configs themselves (`moe_dmft::param::diff`). Only the first column can \
+         move the optimum LR; Adam epsilon moves nothing while it stays far below the gradient RMS. \"none\" in the \
+         first column means the preset is expected to transfer along that axis as well as moe-completep does. The \
+         last column says whether the two sweeps train the very same networks at every grid point (same configs and \
+         resolved hyperparameters; `SweepConfig::same_networks`): then they are one experiment.\n\n",
+    );
+    s.push_str(
+        "| axis | preset | differs in init, multiplier, LR or residual scaling | differs in Adam epsilon only | same networks |\n",
+    );
+    s.push_str("| --- | --- | --- | --- | --- |\n");
+    s.push_str(&rows);
     s.push('\n');
     s
 }

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod config;
+pub mod diff;
 pub mod engine;
 pub mod format;
 pub mod presets;
@@ -102,6 +103,10 @@ impl Axis {
             Axis::Experts => "experts",
             Axis::ExpertHidden => "expert_hidden",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Axis> {
+        Axis::ALL.into_iter().find(|a| a.name() == name)
     }
 }
 

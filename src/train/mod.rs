@@ -373,7 +373,12 @@ impl TrainConfig {
 
     /// Resolves the parameterization at the model's sizes.
     pub fn resolve(&self) -> crate::Result<Resolved> {
-        self.param_as_run().resolve(&self.model.sizes()).map_err(|e| in_section("param.", e))
+        Ok(self.param_table()?.to_resolved())
+    }
+
+    /// The full parameterization table (exponents per axis included) at the model's sizes.
+    pub fn param_table(&self) -> crate::Result<crate::param::Table> {
+        self.param_as_run().resolve_table(&self.model.sizes()).map_err(|e| in_section("param.", e))
     }
 }
 

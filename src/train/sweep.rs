@@ -305,6 +305,39 @@ impl SweepConfig {
         Ok(self.enumerate())
     }
 
+    /// The parameterization table (with exponents per axis) of one point's training config.
+    pub fn point_param_table(&self, p: &GridPoint) -> Result<crate::param::Table> {
+        TrainRunner::parse(&self.point_config(p)?)?.param_table()
+    }
+
+    /// Whether this sweep trains exactly the networks of `other` (the same points up to the preset's name,
+    /// the same configs and the same resolved hyperparameters at every point), as muP and moe-completep do
+    /// along width: the two sweeps are then one experiment, whatever their presets are called.
+    pub fn same_networks(&self, other: &SweepConfig) -> Result<bool> {
+        let (mine, theirs) = (self.points()?, other.points()?);
+        if mine.len() != theirs.len() {
+            return Ok(false);
+        }
+        let key = |p: &GridPoint| (p.axis, p.size, p.lr_log2.to_bits(), p.seed, p.init_scale.map(f64::to_bits));
+        let without_preset = |mut t: toml::Table| {
+            if let Some(toml::Value::Table(param)) = t.get_mut("param") {
+                param.remove("preset");
+            }
+            t
+        };
+        for (a, b) in mine.iter().zip(&theirs) {
+            if key(a) != key(b) || without_preset(self.point_config(a)?) != without_preset(other.point_config(b)?) {
+                return Ok(false);
+            }
+            let (mut x, y) = (self.point_param_table(a)?.to_resolved(), other.point_param_table(b)?.to_resolved());
+            x.preset.clone_from(&y.preset);
+            if x != y {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The training config of one point: the base with the point's preset, LR, seed, init scale and sizes.
     /// Along `width` the expert hidden size follows at the base's ratio n/N, and along `experts` the active
     /// count follows at the base's kappa; both must come out integer.
