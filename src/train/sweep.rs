@@ -970,12 +970,29 @@ impl SweepSummary {
 /// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5): `yes` when the drift plus one standard
 /// deviation is within it, `no` when the drift minus one standard deviation exceeds it, `undecided`
 /// otherwise or when an optimum is missing or sits on the edge of the grid.
+/// The drift the same curves give with a 3-point parabola at each size's best grid point (window = the
+/// curve's finest LR step). A check on the main fit: its wider window can straddle the cliff above the
+/// optimum on one size and not on the next. `None` with fewer than two sizes.
+pub fn three_point_drift(p: &PresetAnalysis) -> Option<Drift> {
+    let optima: Vec<(usize, Optimum)> = p
+        .sizes
+        .iter()
+        .filter_map(|z| {
+            let mut lrs: Vec<f64> = z.curve.iter().map(|c| c.lr_log2).collect();
+            lrs.sort_by(f64::total_cmp);
+            let step = lrs.windows(2).map(|w| w[1] - w[0]).filter(|d| *d > 0.0).fold(f64::INFINITY, f64::min);
+            analysis::fit_optimum(&z.curve, if step.is_finite() { step } else { 0.0 }).map(|o| (z.size, o))
+        })
+        .collect();
+    analysis::drift(&optima)
+}
+
 pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | within {tolerance} | runs (diverged) / grid | run wall time |\n"
+        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | runs (diverged) / grid | run wall time |\n"
     ));
-    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |\n");
+    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |\n");
     for (name, sum) in summaries {
         for p in &sum.presets {
             let optima: Vec<String> = p
@@ -1003,12 +1020,16 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                     ),
                     {
                         let sd = d.range_std.unwrap_or(0.0);
+                        // A verdict must survive the change of fit window; if the check lands on the other
+                        // side of the tolerance, the answer depends on the estimator, not on the data.
+                        let check = three_point_drift(p).map(|c| c.range);
+                        let check_agrees = |within: bool| check.is_none_or(|c| (c <= tolerance) == within);
                         if !complete || !d.all_bracketed {
                             "undecided (edge)"
                         } else if d.range + sd <= tolerance {
-                            "yes"
+                            if check_agrees(true) { "yes" } else { "undecided (fit window)" }
                         } else if d.range - sd > tolerance {
-                            "no"
+                            if check_agrees(false) { "no" } else { "undecided (fit window)" }
                         } else {
                             "undecided (1 sd)"
                         }
@@ -1016,12 +1037,13 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                 ),
                 None => ("n/a".into(), "n/a".into(), "undecided"),
             };
+            let check = three_point_drift(p).map_or_else(|| "n/a".into(), |c| format!("{:.2}", c.range));
             let runs: Vec<&RunRecord> =
                 sum.runs.iter().filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale).collect();
             let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
             let grid = sum.grid_points / sum.presets.len().max(1);
             s.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {verdict} | {} ({diverged}) / {grid} | {:.0} s |\n",
+                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {} ({diverged}) / {grid} | {:.0} s |\n",
                 sum.axis.name(),
                 p.label(),
                 sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
@@ -1293,18 +1315,46 @@ mod tests {
             let line = md.lines().find(|l| l.starts_with(&format!("| {axis} | {axis} | {preset} |"))).unwrap();
             line.split('|').map(|c| c.trim().to_string()).collect()
         };
-        // Columns: 5 optima, 6 drift, 7 per doubling, 8 verdict. moe-completep: optimum -6 at every size;
-        // sp: -6, -6.5, -7 (drift 1.0 > 0.5).
+        // Columns: 5 optima, 6 drift, 7 per doubling, 8 the 3-point check, 9 verdict. moe-completep: optimum
+        // -6 at every size; sp: -6, -6.5, -7 (drift 1.0 > 0.5). Exact parabolas: the check agrees.
         let r = row("width", "moe-completep");
-        assert!(r[6].starts_with("0.00") && r[7].starts_with("+0.00") && r[8] == "yes", "{md}");
+        assert!(r[6].starts_with("0.00") && r[7].starts_with("+0.00") && r[8] == "0.00" && r[9] == "yes", "{md}");
         let r = row("expert_hidden", "sp");
-        assert!(r[6].starts_with("1.00") && r[7].starts_with("-0.50") && r[8] == "no", "{md}");
+        assert!(r[6].starts_with("1.00") && r[7].starts_with("-0.50") && r[8] == "1.00" && r[9] == "no", "{md}");
         assert!(row("width", "sp")[5].contains("128: -7.00"), "{md}");
         for f in ["transfer_lr_curves.png", "transfer_lr_curves.svg", "transfer_drift.png"] {
             assert!(out.join(f).is_file(), "{f}");
         }
         let e = collect(&[root.path().join("nothing")], &out, 0.5).unwrap_err();
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_three_point_check_sees_past_a_cliff_that_biases_the_wide_fit() {
+        // Size 8: loss (x + 6)^2, no cliff. Size 64: (x + 6.4)^2 up to log2 LR -5, then a cliff (training
+        // breaks down), which the +-2 window takes in and the 3-point fit at the best point does not.
+        let curve = |vertex: f64, cliff: bool| -> Vec<LrPoint> {
+            (-11..=-3)
+                .map(|x| {
+                    let x = x as f64;
+                    let loss = if cliff && x >= -4.0 { 10.0 } else { (x - vertex).powi(2) };
+                    LrPoint { lr_log2: x, loss: Some(loss), stderr: None, seeds: 1, diverged: 0 }
+                })
+                .collect()
+        };
+        let sizes: Vec<SizeAnalysis> = [(8, -6.0, false), (64, -6.4, true)]
+            .into_iter()
+            .map(|(size, v, cliff)| {
+                let curve = curve(v, cliff);
+                let optimum = analysis::fit_optimum(&curve, 2.0);
+                SizeAnalysis { size, curve, optimum }
+            })
+            .collect();
+        let wide = sizes[1].optimum.unwrap().lr_log2;
+        assert!((wide + 6.4).abs() > 0.05, "the +-2 fit should be biased by the cliff, got {wide}");
+        let p = PresetAnalysis { preset: "moe-completep".into(), init_scale: None, sizes, drift: None, wall_s: 0.0 };
+        let check = three_point_drift(&p).unwrap();
+        assert!((check.range - 0.4).abs() < 1e-9, "{check:?}");
     }
 
     #[test]

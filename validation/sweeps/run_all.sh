@@ -33,20 +33,25 @@ for axis in "${axes[@]}"; do
   done
 done
 # Follow-ups (see the configs' headers): the depth shift L = 2 -> 4 with three seeds on half-step LRs, and
-# the expert-hidden basin on half-step LRs (reusing the main sweep's integer-LR runs, which a rerun
-# reproduces bit for bit).
-if [ $# -eq 0 ]; then
-  "$bin" sweep --config validation/sweeps/depth_moe-completep_seeds.toml \
-    --out validation/sweeps/results/depth_moe-completep_seeds --resume
-  fine=validation/sweeps/results/expert_hidden_moe-completep_fine
+# the expert-hidden and experts basins on half-step LRs (reusing the main sweeps' integer-LR runs, which a
+# rerun reproduces bit for bit).
+fine_followup() {  # fine_followup SWEEP LR...: copy SWEEP's integer-LR runs in, then run SWEEP_fine
+  local main=validation/sweeps/results/$1 fine=validation/sweeps/results/$1_fine lr run
   mkdir -p "$fine/runs"
-  for lr in 007 006 005; do
-    for run in validation/sweeps/results/expert_hidden_moe-completep/runs/*-lr-$lr.000-s0; do
+  for lr in "${@:2}"; do
+    for run in "$main"/runs/*-lr-$lr.000-s0; do
       [ -e "$fine/runs/$(basename "$run")" ] || cp -r "$run" "$fine/runs/"
     done
   done
-  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_fine.toml --out "$fine" --resume
-  dirs+=(validation/sweeps/results/depth_moe-completep_seeds "$fine")
+  "$bin" sweep --config "validation/sweeps/$1_fine.toml" --out "$fine" --resume
+  dirs+=("$fine")
+}
+if [ $# -eq 0 ]; then
+  "$bin" sweep --config validation/sweeps/depth_moe-completep_seeds.toml \
+    --out validation/sweeps/results/depth_moe-completep_seeds --resume
+  dirs+=(validation/sweeps/results/depth_moe-completep_seeds)
+  fine_followup expert_hidden_moe-completep 007 006 005
+  fine_followup experts_moe-completep 008 007 006 005
 fi
 "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
 cat validation/sweeps/results/transfer/transfer.md
