@@ -965,11 +965,6 @@ impl SweepSummary {
     }
 }
 
-/// HP transfer across several sweeps (one per axis, or one per (axis, preset)): one row per (axis, preset)
-/// with the optimum log2 LR of every size, the drift across the axis, and whether the drift stays within
-/// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5): `yes` when the drift plus one standard
-/// deviation is within it, `no` when the drift minus one standard deviation exceeds it, `undecided`
-/// otherwise or when an optimum is missing or sits on the edge of the grid.
 /// The drift the same curves give with a 3-point parabola at each size's best grid point (window = the
 /// curve's finest LR step). A check on the main fit: its wider window can straddle the cliff above the
 /// optimum on one size and not on the next. `None` with fewer than two sizes.
@@ -987,6 +982,12 @@ pub fn three_point_drift(p: &PresetAnalysis) -> Option<Drift> {
     analysis::drift(&optima)
 }
 
+/// HP transfer across several sweeps (one per axis, or one per (axis, preset)): one row per (axis, preset)
+/// with the optimum log2 LR of every size, the drift across the axis, and whether the drift stays within
+/// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5): `yes` when the drift plus one standard
+/// deviation is within it, `no` when the drift minus one standard deviation exceeds it, `undecided`
+/// otherwise or when an optimum is missing or sits on the edge of the grid; `undecided (fit window)` when
+/// [`three_point_drift`] puts the drift on the other side of `tolerance`.
 pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -1010,6 +1011,7 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                 })
                 .collect();
             let complete = p.sizes.iter().all(|z| z.optimum.is_some());
+            let check = three_point_drift(p).map(|c| c.range);
             let (drift, slope, verdict) = match &p.drift {
                 Some(d) => (
                     format!("{:.2}{}", d.range, d.range_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
@@ -1022,7 +1024,6 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                         let sd = d.range_std.unwrap_or(0.0);
                         // A verdict must survive the change of fit window; if the check lands on the other
                         // side of the tolerance, the answer depends on the estimator, not on the data.
-                        let check = three_point_drift(p).map(|c| c.range);
                         let check_agrees = |within: bool| check.is_none_or(|c| (c <= tolerance) == within);
                         if !complete || !d.all_bracketed {
                             "undecided (edge)"
@@ -1037,7 +1038,7 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                 ),
                 None => ("n/a".into(), "n/a".into(), "undecided"),
             };
-            let check = three_point_drift(p).map_or_else(|| "n/a".into(), |c| format!("{:.2}", c.range));
+            let check = check.map_or_else(|| "n/a".into(), |c| format!("{c:.2}"));
             let runs: Vec<&RunRecord> =
                 sum.runs.iter().filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale).collect();
             let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
