@@ -28,10 +28,16 @@ libdirs=""
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
          $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/*/lib|'); do
   for dd in $d; do
-    if ls "$dd"/libcublas.so* "$dd"/libnvrtc.so* "$dd"/libcuda.so* >/dev/null 2>&1; then libdirs="$libdirs:$dd"; fi
+    # any one of them is enough: the wheels put cuBLAS and NVRTC in separate folders
+    if compgen -G "$dd/libcublas.so*" >/dev/null || compgen -G "$dd/libnvrtc.so*" >/dev/null \
+       || compgen -G "$dd/libcuda.so*" >/dev/null; then libdirs="$libdirs:$dd"; fi
   done
 done
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The libraries package.sh packed beside the binary (OpenBLAS, fontconfig, ...), last: the machine's own win.
+if [ -f "$(dirname "$BIN")/lib.tar.xz" ]; then
+  tar -C "$WORK" -xJf "$(dirname "$BIN")/lib.tar.xz" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$WORK/lib"
+fi
 export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1
 log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
@@ -74,7 +80,9 @@ if [ $SECONDS -lt 330 ]; then
   step ours_tf32 60 "$BIN" gpu bench "${SIZES[@]}" --tf32 --out "$WORK/ours_tf32.json"
   step torch_eager_tf32 60 python3 "$HERE/torch_ref.py" "${SIZES[@]}" --tf32 --out "$WORK/torch_eager_tf32.json"
 fi
-if [ $SECONDS -lt 330 ]; then
+if [ -n "${SKIP_COMPILE:-}" ]; then
+  log "torch.compile skipped: SKIP_COMPILE is set"
+elif [ $SECONDS -lt 330 ]; then
   limit=$((440 - SECONDS)); [ $limit -gt 150 ] && limit=150
   step torch_compile_f32 $limit python3 "$HERE/torch_ref.py" "${SIZES[@]}" --compile --out "$WORK/torch_compile_f32.json"
 else
