@@ -2,12 +2,12 @@
 //! with only the built binary, an NVIDIA driver and the CUDA libraries.
 //!
 //! - `gpu probe`: prints the device as JSON, or exits 2 naming what is missing.
-//! - `gpu train --config FILE --out DIR`: trains an ordinary `train` config (arch `resnet`) on the GPU and
+//! - `gpu train --config FILE --out DIR`: trains an ordinary `train` config (either arch) on the GPU and
 //!   writes the same outputs as `moe-dmft train`.
 //! - `gpu selftest --out FILE`: the cuBLAS wrapper and the routing kernels against their CPU counterparts.
 //! - `gpu check --config FILE... --out FILE`: CPU vs GPU on the same weights (see `cuda::run::check`);
 //!   exits 1 when a config fails its tolerance.
-//! - `gpu bench ... --out FILE`: times device training steps of an MoE-ResNet.
+//! - `gpu bench [--arch resnet|transformer] ... --out FILE`: times device training steps.
 //!
 //! In a build without `--features cuda` every command exits 2 saying so.
 
@@ -25,7 +25,7 @@ pub struct Args {
 pub enum GpuCommand {
     /// Print the first device as JSON, or fail with exit code 2 naming what is missing.
     Probe,
-    /// Train a `train` config (arch = "resnet") on the GPU; same outputs as `moe-dmft train`.
+    /// Train a `train` config on the GPU; same outputs as `moe-dmft train`.
     Train {
         #[arg(long)]
         config: PathBuf,
@@ -43,7 +43,7 @@ pub enum GpuCommand {
     },
     /// Compare CPU and GPU on the same weights: loss, predictions, load, gradients, one optimizer step.
     Check {
-        /// One or more `train` configs (arch = "resnet", synthetic data).
+        /// One or more `train` configs (either arch).
         #[arg(long, required = true, num_args = 1..)]
         config: Vec<PathBuf>,
         /// JSON report (a list with one entry per config).
@@ -53,8 +53,11 @@ pub enum GpuCommand {
         #[arg(long, default_value_t = 1e-3)]
         tolerance: f64,
     },
-    /// Time training steps of an MoE-ResNet on the device (forward, backward, AdamW).
+    /// Time training steps of an MoE-ResNet or MoE-Transformer on the device (forward, backward, AdamW).
     Bench {
+        /// Which model: the MoE-ResNet (Gaussian inputs) or the MoE-Transformer (random tokens).
+        #[arg(long, value_enum, default_value = "resnet")]
+        arch: crate::cuda::BenchArch,
         #[arg(long, default_value_t = 1024)]
         width: usize,
         #[arg(long, default_value_t = 8)]
@@ -65,9 +68,22 @@ pub enum GpuCommand {
         active: usize,
         #[arg(long, default_value_t = 512)]
         expert_hidden: usize,
-        /// Tokens per step (e.g. batch 32 x sequence 256 = 8192).
+        /// Tokens per step of the MoE-ResNet (e.g. batch 32 x sequence 256 = 8192); the Transformer's are
+        /// --batch x --seq.
         #[arg(long, default_value_t = 8192)]
         tokens: usize,
+        /// Transformer: sequences per step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Transformer: sequence length.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Transformer: attention heads.
+        #[arg(long, default_value_t = 16)]
+        n_head: usize,
+        /// Transformer: vocabulary (65: the Shakespeare characters).
+        #[arg(long, default_value_t = 65)]
+        vocab: usize,
         #[arg(long, default_value_t = 64)]
         input_dim: usize,
         /// RMS norm in front of every MoE block (pre-norm, as in the Transformer).
@@ -102,6 +118,7 @@ mod imp {
 mod imp {
     use super::{Args, GpuCommand};
     use crate::cuda::run::{bench, check, train, BenchSpec};
+    use crate::cuda::BenchArch;
     use crate::param::Sizes;
     use crate::train::TrainConfig;
     use crate::Error;
@@ -170,12 +187,17 @@ mod imp {
                 }
             }
             GpuCommand::Bench {
+                arch,
                 width,
                 depth,
                 experts,
                 active,
                 expert_hidden,
                 tokens,
+                batch,
+                seq,
+                n_head,
+                vocab,
                 input_dim,
                 norm,
                 steps,
@@ -184,12 +206,22 @@ mod imp {
                 seed,
                 out,
             } => {
+                // The torch reference (validation/gpu/torch_ref.py) uses the same activations.
+                let (tokens, activation) = match arch {
+                    BenchArch::Resnet => (tokens, crate::model::Activation::Relu),
+                    BenchArch::Transformer => (batch * seq, crate::model::Activation::Gelu),
+                };
                 let spec = BenchSpec {
+                    arch,
                     sizes: Sizes { width, depth, experts, active, expert_hidden },
                     tokens,
                     input_dim,
                     norm,
-                    activation: crate::model::Activation::Relu,
+                    batch,
+                    seq,
+                    n_head,
+                    vocab,
+                    activation,
                     steps,
                     warmup,
                     tf32,

@@ -1,4 +1,4 @@
-//! `moe-dmft train --config FILE --out DIR [--threads N]`: trains a finite network from a TOML config
+//! `moe-dmft train --config FILE --out DIR [--threads N] [--device cpu|cuda]`: trains a finite network from a TOML config
 //! (see [`crate::train::TrainConfig`]) and writes `config.toml`, `metrics.jsonl`, `summary.json` and the
 //! task or weights into DIR. A progress bar shows on a terminal; a diverged run exits 0 with status
 //! `diverged` in `summary.json` so that sweeps continue.
@@ -21,6 +21,9 @@ pub struct Args {
     /// Threads of the run's pool (overrides `threads` in the config).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where to train (overrides `device` in the config): `cpu`, or `cuda` (the GPU backend).
+    #[arg(long, value_enum)]
+    pub device: Option<train::Device>,
 }
 
 /// Drives a progress bar with the latest loss; hidden when stderr is not a terminal.
@@ -73,6 +76,9 @@ pub fn run(args: Args) -> crate::Result<()> {
             return Err(crate::Error::invalid("--threads", "must be at least 1"));
         }
         cfg.threads = t;
+    }
+    if let Some(d) = args.device {
+        cfg.device = d;
     }
     let mut progress = ProgressObserver::new();
     let summary = train::train(&cfg, Some(&args.out), &mut progress)?;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::cublas::{sys as cublas_sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys as cublas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig,
     ValidAsZeroBits,
@@ -21,7 +21,7 @@ use crate::Error;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Names of the kernels loaded from [`KERNELS`].
-pub const KERNEL_NAMES: [&str; 19] = [
+pub const KERNEL_NAMES: [&str; 25] = [
     "act_forward",
     "act_backward",
     "scale_inplace",
@@ -41,6 +41,12 @@ pub const KERNEL_NAMES: [&str; 19] = [
     "rms_norm_backward",
     "adamw",
     "sgd",
+    "embed_forward",
+    "sum_rows_by_list",
+    "split_heads",
+    "causal_softmax",
+    "causal_softmax_backward",
+    "cross_entropy",
 ];
 
 /// Most experts per token the routing kernel handles (`MAX_ACTIVE` in kernels.cu).
@@ -252,6 +258,52 @@ impl Gpu {
         };
         // SAFETY: the callers pass views at least as long as the matrices the strides describe.
         cu(unsafe { self.blas.gemm(cfg, b, a, c) }, "cublasSgemm")
+    }
+
+    /// `count` independent row-major products `C_i = alpha * op(A_i) op(B_i) + beta * C_i` as in
+    /// [`Self::gemm`], the i-th matrices starting `stride_a`, `stride_b`, `stride_c` entries after the
+    /// (i-1)-th (attention: one product per (sequence, head) pair).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched(
+        &self,
+        ta: bool,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, lda, stride_a): (&CudaView<f32>, usize, usize),
+        (b, ldb, stride_b): (&CudaView<f32>, usize, usize),
+        beta: f32,
+        (c, ldc, stride_c): (&mut CudaViewMut<f32>, usize, usize),
+        count: usize,
+    ) -> crate::Result<()> {
+        if m == 0 || n == 0 || count == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return Err(Error::Internal("cuda: batched gemm with an empty inner dimension".into()));
+        }
+        let op = |t: bool| if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let gemm = GemmConfig {
+            transa: op(tb),
+            transb: op(ta),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha,
+            lda: ldb as i32,
+            ldb: lda as i32,
+            beta,
+            ldc: ldc as i32,
+        };
+        let cfg = StridedBatchedConfig {
+            gemm,
+            batch_size: count as i32,
+            stride_a: stride_b as i64,
+            stride_b: stride_a as i64,
+            stride_c: stride_c as i64,
+        };
+        // SAFETY: the callers pass views long enough for `count` matrices at the given strides.
+        cu(unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }, "cublasSgemmStridedBatched")
     }
 
     /// Launch shape for one thread per item.

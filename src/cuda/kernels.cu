@@ -5,10 +5,11 @@
 // routing losses and the optimizer updates. Every reduction runs in a fixed order (one thread or one
 // warp per output, warp shuffles in a fixed tree), so results do not depend on scheduling.
 //
-// UNTESTED ON A GPU when written (the session had none): validation/gpu/run.sh is the first real check.
 
 #define MAX_ACTIVE 64
 #define FULL_MASK 0xffffffffu
+// NVRTC has no <cfloat>: the largest finite float, as the starting value of running maxima.
+#define FLT_MAX_VALUE 3.402823466e+38f
 
 __device__ __forceinline__ float warp_sum_f(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
@@ -360,6 +361,114 @@ __global__ void adamw(float* w, const float* g, float* m, float* v, long long n,
 __global__ void sgd(float* w, const float* g, long long n, float decay, float lr) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) w[i] = w[i] * decay - lr * g[i];
+}
+
+// ---- MoE-Transformer ----
+
+// h[t, c] = alpha * (emb[ids[t], c] + pos[t % seq, c]).
+__global__ void embed_forward(const float* emb, const float* pos, const int* ids, float* h, int tokens, int seq,
+                              int width, float alpha) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)tokens * width) return;
+    int t = (int)(i / width);
+    int c = (int)(i % width);
+    h[i] = alpha * (emb[(long long)ids[t] * width + c] + pos[(long long)(t % seq) * width + c]);
+}
+
+// out[g, c] (+)= alpha * sum over r in list[starts[g] .. starts[g+1]] of x[r, c], in list order; one
+// thread per (g, c). With the token indices of each id listed in token order this is the CPU's scatter
+// of the embedding gradient, summed in the same order, without atomics.
+__global__ void sum_rows_by_list(const float* x, const int* list, const int* starts, float* out, int groups,
+                                 int width, float alpha, int accumulate) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)groups * width) return;
+    int g = (int)(i / width);
+    int c = (int)(i % width);
+    float acc = 0.0f;
+    for (int q = starts[g]; q < starts[g + 1]; ++q) acc += x[(long long)list[q] * width + c];
+    out[i] = accumulate ? out[i] + alpha * acc : alpha * acc;
+}
+
+// Between token-major rows (B*S x parts*N, parts 1: context, 3: fused q|k|v) and head-major blocks
+// (parts x B*H x S x d_head). to_heads = 1 copies rows into heads, 0 copies back.
+__global__ void split_heads(float* rows, float* heads, int batch, int seq, int n_head, int d_head, int parts,
+                            int to_heads) {
+    long long width = (long long)n_head * d_head;
+    long long total = (long long)batch * seq * parts * width;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    long long t = i / (parts * width);
+    long long col = i % (parts * width);
+    long long part = col / width;
+    long long h = (col % width) / d_head;
+    long long d = col % d_head;
+    long long b = t / seq;
+    long long s = t % seq;
+    long long j = (((part * batch + b) * n_head + h) * seq + s) * d_head + d;
+    if (to_heads) heads[j] = rows[i]; else rows[i] = heads[j];
+}
+
+// Causal softmax of every S x S score matrix in place, one warp per row (rows = B*H*S; row i of its
+// matrix keeps columns 0..=i). Entries above the diagonal become 0.
+__global__ void causal_softmax(float* scores, int rows, int seq) {
+    int warps_per_block = blockDim.x / 32;
+    int r = blockIdx.x * warps_per_block + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    int i = r % seq;
+    float* row = scores + (long long)r * seq;
+    float mx = -FLT_MAX_VALUE;
+    for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, row[j]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_down_sync(FULL_MASK, mx, o));
+    mx = __shfl_sync(FULL_MASK, mx, 0);
+    float total = 0.0f;
+    for (int j = lane; j <= i; j += 32) { float e = expf(row[j] - mx); row[j] = e; total += e; }
+    total = warp_sum_f(total);
+    float inv = 1.0f / total;
+    for (int j = lane; j < seq; j += 32) row[j] = j <= i ? row[j] * inv : 0.0f;
+}
+
+// Softmax backward in place on dp, one warp per row: ds = scale * p * (dp - sum_j dp_j p_j).
+__global__ void causal_softmax_backward(const float* p, float* dp, int rows, int seq, float scale) {
+    int warps_per_block = blockDim.x / 32;
+    int r = blockIdx.x * warps_per_block + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    const float* pr = p + (long long)r * seq;
+    float* dr = dp + (long long)r * seq;
+    float inner = 0.0f;
+    for (int j = lane; j < seq; j += 32) inner += dr[j] * pr[j];
+    inner = warp_sum_f(inner);
+    for (int j = lane; j < seq; j += 32) dr[j] = pr[j] * (dr[j] - inner) * scale;
+}
+
+// Next-token cross-entropy, one warp per token: loss[t] = logsumexp(logits[t]) - logits[t, y] in double,
+// and d_logits[t] = (softmax(logits[t]) - onehot(y)) * inv_tokens in float.
+__global__ void cross_entropy(const float* logits, const int* targets, double* loss, float* d_logits, int tokens,
+                              int vocab, float inv_tokens) {
+    int warps_per_block = blockDim.x / 32;
+    int t = blockIdx.x * warps_per_block + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (t >= tokens) return;
+    const float* row = logits + (long long)t * vocab;
+    float* drow = d_logits + (long long)t * vocab;
+    float mx = -FLT_MAX_VALUE;
+    for (int j = lane; j < vocab; j += 32) mx = fmaxf(mx, row[j]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_down_sync(FULL_MASK, mx, o));
+    mx = __shfl_sync(FULL_MASK, mx, 0);
+    double sd = 0.0;
+    float sf = 0.0f;
+    for (int j = lane; j < vocab; j += 32) {
+        sd += exp((double)row[j] - (double)mx);
+        float e = expf(row[j] - mx);
+        drow[j] = e;
+        sf += e;
+    }
+    sd = warp_sum_d(sd);
+    sf = warp_sum_f(sf);
+    int y = targets[t];
+    for (int j = lane; j < vocab; j += 32) drow[j] = drow[j] / sf * inv_tokens - (j == y ? inv_tokens : 0.0f);
+    if (lane == 0) loss[t] = (double)mx + log(sd) - (double)row[y];
 }
 
 }  // extern "C"

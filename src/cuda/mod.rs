@@ -3,9 +3,11 @@
 //! activations, RMS norm, routing losses and the optimizer updates.
 //!
 //! This module owns: the device probe ([`probe`]), the device handle with its cuBLAS handle and kernel
-//! cache (`device::Gpu`), the MoE-ResNet on the GPU (`resnet::GpuResNet`, same weights, same semantics
-//! and same outputs as [`crate::model::resnet::MoeResNet`]), and the entry points behind the hidden
-//! `moe-dmft gpu` subcommand (`run`: train from a `train` config, CPU-vs-GPU check, timing).
+//! cache (`device::Gpu`), device parameters and the optimizer update (`state`), the MoE layer on the
+//! GPU (`moe`), the MoE-ResNet and the MoE-Transformer on the GPU (`resnet::GpuResNet`,
+//! `transformer::GpuTransformer`: same weights, same semantics and same outputs as their CPU models),
+//! and the entry points behind `moe-dmft train` with `device = "cuda"` and the hidden `moe-dmft gpu`
+//! subcommand (`run`: train, CPU-vs-GPU check, timing).
 //!
 //! Without the feature (the default build) everything here still compiles and every entry point
 //! returns [`Error::Unavailable`] (exit code 2), so the default build needs no CUDA at all.
@@ -15,9 +17,8 @@
 //! NVRTC libraries can be opened at all and turns their absence into a clean error; any remaining panic
 //! inside cudarc during start-up is caught and reported the same way.
 //!
-//! Status: the GPU code paths were written on a machine without a GPU. They compile (the feature is
-//! built and its CPU-side tests run here), but no kernel has run yet: `validation/gpu/run.sh` is the
-//! first real check (CPU vs GPU on the same weights, then timings against PyTorch).
+//! Checked on a GPU by `validation/gpu/run.sh` (CPU vs GPU on the same weights, then timings against
+//! PyTorch); its results are committed as `validation/gpu/results-<gpu>.json`.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,11 +27,47 @@ use crate::Error;
 #[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]
+pub mod moe;
+#[cfg(feature = "cuda")]
 pub mod resnet;
 #[cfg(feature = "cuda")]
 pub mod run;
 #[cfg(feature = "cuda")]
 pub mod selftest;
+#[cfg(feature = "cuda")]
+pub mod state;
+#[cfg(feature = "cuda")]
+pub mod transformer;
+
+/// A model on the GPU, beyond the [`crate::model::Model`] interface the CPU trainer drives: a training step
+/// that keeps parameters, gradients and optimizer moments on the device (the timing path and the
+/// one-step check), and copying the device parameters back into the host store.
+#[cfg(feature = "cuda")]
+pub trait DeviceModel: crate::model::Model<f32> {
+    /// Forward, backward and an SGD/AdamW update (by the parameterization's optimizer) with every
+    /// group's lr times `lr_factor`; returns the loss and the load of every MoE layer.
+    fn device_step(
+        &mut self,
+        batch: &crate::model::Batch,
+        rng: &mut rand_chacha::ChaCha8Rng,
+        lr_factor: f64,
+        betas: (f64, f64),
+    ) -> crate::Result<(f64, Vec<crate::routing::LoadStats>)>;
+
+    /// Copies the device parameters into the host store.
+    fn download_params(&mut self) -> crate::Result<()>;
+}
+
+/// Which model `moe-dmft gpu bench` times (defined outside the feature so the CLI parses it in every
+/// build).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchArch {
+    /// The MoE-ResNet on Gaussian inputs (`tokens` samples of `input_dim`, pre-norm with `norm`).
+    Resnet,
+    /// The MoE-Transformer on random token ids (`batch` sequences of `seq`, `n_head` heads, `vocab`).
+    Transformer,
+}
 
 /// What [`probe`] found: the first device and the libraries the backend loads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +87,22 @@ pub fn not_built() -> Error {
     Error::Unavailable {
         what: "the GPU backend".into(),
         reason: "this binary was built without the `cuda` feature (cargo build --release --features cuda)".into(),
+    }
+}
+
+/// Trains a `train` config on the GPU (`device = "cuda"`): see [`run::train`]. Without the feature, or
+/// without a GPU, an [`Error::Unavailable`] (exit code 2) before anything is written.
+pub fn train(
+    cfg: &crate::train::TrainConfig,
+    out: Option<&std::path::Path>,
+    observer: &mut dyn crate::train::Observer,
+) -> crate::Result<crate::train::Summary> {
+    #[cfg(feature = "cuda")]
+    return run::train(cfg, out, observer, false);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (cfg, out, observer);
+        Err(not_built())
     }
 }
 

@@ -10,85 +10,87 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::device::Gpu;
-use super::resnet::{check_supported, GpuResNet};
-use super::DeviceInfo;
+use super::resnet::{self, GpuResNet};
+use super::transformer::{self, GpuTransformer};
+use super::{BenchArch, DeviceInfo, DeviceModel};
+use crate::data::text::random_windows;
 use crate::model::resnet::{MoeResNet, ResNetConfig};
+use crate::model::transformer::{random_tokens, MoeTransformer, TransformerConfig};
 use crate::model::{Activation, Batch, Model};
 use crate::param::{ParamConfig, Sizes};
 use crate::routing::RoutingConfig;
-use crate::train::engine::{self, stream_rng, Both, Observer, TrainData};
-use crate::files::{write_atomic, write_json, write_npy};
-use crate::train::{prepare, summarize, MetricsFile, ModelConfig, Precision, Prepared, Summary, TrainConfig};
+use crate::train::engine::{self, stream_rng, Observer, TrainData};
+use crate::train::{prepare, ModelConfig, Precision, Prepared, Summary, TrainConfig};
 use crate::Error;
 
-fn resnet_config(cfg: &TrainConfig) -> crate::Result<&ResNetConfig> {
-    let ModelConfig::Resnet(m) = &cfg.model else {
-        return Err(Error::invalid(
-            "model.arch",
-            "the GPU backend runs arch = \"resnet\" (the MoE-Transformer on the GPU is not written yet)",
-        ));
-    };
+/// Checks that the GPU backend runs `cfg` (f32, supported sizes); errors name the config field.
+pub fn gpu_config(cfg: &TrainConfig) -> crate::Result<()> {
     if cfg.precision != Precision::F32 {
         return Err(Error::invalid("precision", "the GPU backend trains in f32"));
     }
-    check_supported(m).map_err(|e| match e {
+    let checked = match &cfg.model {
+        ModelConfig::Resnet(m) => resnet::check_supported(m),
+        ModelConfig::Transformer(m) => transformer::check_supported(m),
+    };
+    checked.map_err(|e| match e {
         Error::Invalid { field, reason } if !field.starts_with("model.") => Error::invalid(format!("model.{field}"), reason),
         other => other,
-    })?;
-    Ok(m)
+    })
 }
 
-/// The freshly initialised host model of a prepared run: the same init stream as the CPU trainer, so
-/// CPU and GPU runs of one config start from identical weights.
-fn init_host(p: &Prepared) -> crate::Result<MoeResNet<f32>> {
-    let m = resnet_config(&p.config)?;
+/// What a generic entry point does with the host model and its device twin, for either architecture.
+trait WithModels<T> {
+    /// `host` is the freshly initialised CPU model; `device` the same weights on the GPU.
+    fn run<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(self, host: C, host64: C64, device: D) -> crate::Result<T>;
+}
+
+/// Builds the model of a prepared run from the CPU trainer's init stream (so CPU and GPU runs of one
+/// config start from identical weights), puts it on `gpu`, and hands both to `f`.
+fn with_models<T>(p: &Prepared, gpu: Gpu, f: impl WithModels<T>) -> crate::Result<T> {
     let mut rng = stream_rng(p.config.seed, engine::STREAM_INIT);
-    MoeResNet::new(m, &p.resolved, &mut rng)
-}
-
-/// Trains the MoE-ResNet of `cfg` (an ordinary `moe-dmft train` config) on the GPU with the CPU
-/// trainer's loop, and with `out` writes the same files as `moe-dmft train` (`config.toml`,
-/// `metrics.jsonl`, `summary.json`, `task_*.npy`, `weights.safetensors` when asked) plus `device.json`.
-pub fn train(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn Observer, tf32: bool) -> crate::Result<Summary> {
-    resnet_config(cfg)?;
-    let prepared = prepare(cfg)?;
-    let gpu = Gpu::new(0, tf32)?;
-    let info = gpu.info.clone();
-    let host = init_host(&prepared)?;
-    let mut model = GpuResNet::new(host, &prepared.resolved, gpu)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(prepared.config.threads)
-        .build()
-        .map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
-    let settings = prepared.config.loop_settings();
-    let Some(dir) = out else {
-        let r = pool.install(|| engine::run_loop(&mut model, &prepared.resolved, &prepared.data, &settings, observer))?;
-        return Ok(summarize(&prepared, model.store(), &r));
-    };
-    std::fs::create_dir_all(dir).map_err(|source| Error::Write { path: dir.to_path_buf(), source })?;
-    let toml_text = toml::to_string(&prepared.config).map_err(|e| Error::Internal(format!("config.toml: {e}")))?;
-    write_atomic(&dir.join("config.toml"), toml_text.as_bytes())?;
-    write_json(&dir.join("device.json"), &info)?;
-    if let TrainData::Regression { train, validation } = &prepared.data {
-        write_npy(&dir.join("task_x.npy"), &train.x)?;
-        write_npy(&dir.join("task_y.npy"), &train.y)?;
-        if let Some(v) = validation {
-            write_npy(&dir.join("task_val_x.npy"), &v.x)?;
-            write_npy(&dir.join("task_val_y.npy"), &v.y)?;
+    match &p.config.model {
+        ModelConfig::Resnet(m) => {
+            let host = MoeResNet::<f32>::new(m, &p.resolved, &mut rng)?;
+            let host64 = host.cast::<f64>();
+            let device = GpuResNet::new(host.clone(), &p.resolved, gpu)?;
+            f.run(host, host64, device)
+        }
+        ModelConfig::Transformer(m) => {
+            let host = MoeTransformer::<f32>::new(m, &p.resolved, &mut rng)?;
+            let host64 = host.cast::<f64>();
+            let device = GpuTransformer::new(host.clone(), &p.resolved, gpu)?;
+            f.run(host, host64, device)
         }
     }
-    let mut metrics = MetricsFile::create(&dir.join("metrics.jsonl"))?;
-    let r = {
-        let mut both = Both(&mut metrics, observer);
-        pool.install(|| engine::run_loop(&mut model, &prepared.resolved, &prepared.data, &settings, &mut both))?
-    };
-    metrics.flush()?;
-    if cfg.save_weights {
-        crate::model::io::save_safetensors(model.store(), &dir.join("weights.safetensors"))?;
+}
+
+fn pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("thread pool: {e}")))
+}
+
+/// Trains the model of `cfg` (an ordinary `moe-dmft train` config, either architecture) on the GPU with
+/// the CPU trainer's loop, and with `out` writes the same files as `moe-dmft train` (`config.toml`,
+/// `metrics.jsonl`, `summary.json`, `task_*.npy`, `weights.safetensors` when asked) plus `device.json`.
+pub fn train(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn Observer, tf32: bool) -> crate::Result<Summary> {
+    gpu_config(cfg)?;
+    let prepared = prepare(cfg)?;
+    let gpu = Gpu::new(0, tf32)?;
+    struct Train<'a> {
+        prepared: &'a Prepared,
+        out: Option<&'a Path>,
+        observer: &'a mut dyn Observer,
+        device: serde_json::Value,
     }
-    let summary = summarize(&prepared, model.store(), &r);
-    write_json(&dir.join("summary.json"), &summary)?;
-    Ok(summary)
+    impl WithModels<Summary> for Train<'_> {
+        fn run<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(self, _: C, _: C64, mut model: D) -> crate::Result<Summary> {
+            crate::train::train_model(self.prepared, &mut model, self.out, self.observer, &[("device.json", self.device)])
+        }
+    }
+    let device = serde_json::to_value(&gpu.info).map_err(|e| Error::Internal(format!("device.json: {e}")))?;
+    with_models(&prepared, gpu, Train { prepared: &prepared, out, observer, device })
 }
 
 /// Relative error `|a - b| / |reference|` of two tensors (absolute when the reference is zero).
@@ -146,32 +148,56 @@ pub struct CheckReport {
     pub passed: bool,
 }
 
-/// Runs the MoE-ResNet of `cfg` on CPU (f32 and f64) and on the GPU from identical weights, on the
-/// full training set with identical routing randomness, and compares loss, predictions, load,
-/// gradients, one optimizer step and the loss after it.
+/// Runs the model of `cfg` on CPU (f32 and f64) and on the GPU from identical weights, on one batch
+/// (a regression task's full training set; for text, `optim.batch_size` windows, 8 without one) with
+/// identical routing randomness, and compares loss, predictions, load, gradients, one optimizer step
+/// and the loss after it.
 pub fn check(cfg: &TrainConfig, name: &str, tolerance: f64) -> crate::Result<CheckReport> {
-    resnet_config(cfg)?;
+    gpu_config(cfg)?;
     let prepared = prepare(cfg)?;
-    let TrainData::Regression { train, .. } = &prepared.data else {
-        return Err(Error::invalid("data.kind", "the GPU check needs kind = \"synthetic\""));
+    let batch = match &prepared.data {
+        TrainData::Regression { train, .. } => Batch::Regression { x: train.x.clone(), y: train.y.clone() },
+        TrainData::Tokens { corpus, seq_len, .. } => {
+            let mut rng = stream_rng(prepared.config.seed, engine::STREAM_BATCH);
+            let b = prepared.config.loop_settings().batch_size.unwrap_or(8);
+            Batch::Tokens { ids: random_windows(&corpus.train, *seq_len, b, &mut rng)? }
+        }
     };
-    let batch = Batch::Regression { x: train.x.clone(), y: train.y.clone() };
-    let route = || stream_rng(prepared.config.seed, engine::STREAM_ROUTING);
     let gpu = Gpu::new(0, false)?;
     let device = gpu.info.clone();
-    let mut cpu = init_host(&prepared)?;
-    let cpu64 = cpu.cast::<f64>();
-    let mut gpu_model = GpuResNet::new(cpu.clone(), &prepared.resolved, gpu)?;
+    struct Check<'a> {
+        prepared: &'a Prepared,
+        batch: Batch,
+        name: &'a str,
+        tolerance: f64,
+        device: DeviceInfo,
+    }
+    impl WithModels<CheckReport> for Check<'_> {
+        fn run<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(self, cpu: C, cpu64: C64, gpu_model: D) -> crate::Result<CheckReport> {
+            compare(self.prepared, &self.batch, self.name, self.tolerance, self.device, cpu, cpu64, gpu_model)
+        }
+    }
+    with_models(&prepared, gpu, Check { prepared: &prepared, batch, name, tolerance, device })
+}
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(prepared.config.threads)
-        .build()
-        .map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
+#[allow(clippy::too_many_arguments)]
+fn compare<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(
+    prepared: &Prepared,
+    batch: &Batch,
+    name: &str,
+    tolerance: f64,
+    device: DeviceInfo,
+    mut cpu: C,
+    cpu64: C64,
+    mut gpu_model: D,
+) -> crate::Result<CheckReport> {
+    let route = || stream_rng(prepared.config.seed, engine::STREAM_ROUTING);
+    let pool = pool(prepared.config.threads)?;
     let (c, c64, (_, f_cpu)) = pool.install(|| -> crate::Result<_> {
-        Ok((cpu.loss_and_grad(&batch, &mut route())?, cpu64.loss_and_grad(&batch, &mut route())?, cpu.forward(&batch, &mut route())?))
+        Ok((cpu.loss_and_grad(batch, &mut route())?, cpu64.loss_and_grad(batch, &mut route())?, cpu.forward(batch, &mut route())?))
     })?;
-    let gr = gpu_model.loss_and_grad(&batch, &mut route())?;
-    let (_, f_gpu) = gpu_model.forward(&batch, &mut route())?;
+    let gr = gpu_model.loss_and_grad(batch, &mut route())?;
+    let (_, f_gpu) = gpu_model.forward(batch, &mut route())?;
 
     // One step: the CPU trainer's optimizer on the CPU gradients; the device optimizer on the GPU.
     let settings = prepared.config.loop_settings();
@@ -179,7 +205,7 @@ pub fn check(cfg: &TrainConfig, name: &str, tolerance: f64) -> crate::Result<Che
     opt.step(cpu.store_mut(), &c.grads, 1.0)?;
     // As the trainer does after every step (balancing biases); device_step does the same on the GPU.
     cpu.after_step(&c.load);
-    gpu_model.device_step(&train.x, &train.y, &mut route(), 1.0, settings.beta1, settings.beta2)?;
+    gpu_model.device_step(batch, &mut route(), 1.0, (settings.beta1, settings.beta2))?;
     gpu_model.download_params()?;
 
     let mut tensors = Vec::new();
@@ -195,8 +221,8 @@ pub fn check(cfg: &TrainConfig, name: &str, tolerance: f64) -> crate::Result<Che
             param_after_step: rel_err(&to_f64(&gpu_model.store().params[i].value), &to_f64(&p.value)),
         });
     }
-    let (loss_after_step_cpu, _) = pool.install(|| cpu.forward(&batch, &mut route()))?;
-    let (loss_after_step_gpu, _) = gpu_model.forward(&batch, &mut route())?;
+    let (loss_after_step_cpu, _) = pool.install(|| cpu.forward(batch, &mut route()))?;
+    let (loss_after_step_gpu, _) = gpu_model.forward(batch, &mut route())?;
 
     let prediction_rel_err = rel_err(&f_gpu.clone().into_dyn(), &f_cpu.clone().into_dyn());
     let load_max_abs_diff = c
@@ -240,11 +266,17 @@ pub fn check(cfg: &TrainConfig, name: &str, tolerance: f64) -> crate::Result<Che
 /// Sizes and options of [`bench`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchSpec {
+    pub arch: BenchArch,
     pub sizes: Sizes,
-    /// Tokens (samples) per step.
+    /// Tokens (samples) per step; for the Transformer `batch * seq`.
     pub tokens: usize,
     pub input_dim: usize,
     pub norm: bool,
+    /// Transformer only: sequences per step, their length, heads and vocabulary.
+    pub batch: usize,
+    pub seq: usize,
+    pub n_head: usize,
+    pub vocab: usize,
     pub activation: Activation,
     pub steps: usize,
     pub warmup: usize,
@@ -297,48 +329,94 @@ pub fn resnet_step_flops(cfg: &ResNetConfig, tokens: usize) -> f64 {
     3.0 * forward
 }
 
-/// Times `spec.steps` device training steps (after `spec.warmup` untimed ones) of an MoE-ResNet with
-/// MoE-CompleteP/Adam on Gaussian data.
+/// Matrix-product FLOPs of one training step of the MoE-Transformer (forward, and backward at twice
+/// the forward): per block the fused qkv and output projections, the full S x S score and
+/// probability-times-value products (the causal half is computed too), the router and the kept expert
+/// assignments (k per token without drops); then the unembedding.
+pub fn transformer_step_flops(cfg: &TransformerConfig, batch: usize, seq: usize) -> f64 {
+    let s = &cfg.sizes;
+    let (t, n, m, k, h) = (
+        (batch * seq) as f64,
+        s.width as f64,
+        s.experts as f64,
+        s.active as f64,
+        s.expert_hidden as f64,
+    );
+    let attention = 2.0 * t * n * 3.0 * n + 2.0 * 2.0 * t * seq as f64 * n + 2.0 * t * n * n;
+    let moe = 2.0 * t * n * m + (k + cfg.routing.shared_experts as f64) * t * 4.0 * n * h;
+    let dense = t * 4.0 * n * h;
+    let ffn: f64 = (0..s.depth).map(|l| if cfg.is_moe_block(l) { moe } else { dense }).sum();
+    let forward = s.depth as f64 * attention + ffn + 2.0 * t * n * cfg.vocab as f64;
+    3.0 * forward
+}
+
+/// Times `spec.steps` device training steps (after `spec.warmup` untimed ones) of the MoE-ResNet on
+/// Gaussian data or of the MoE-Transformer on random tokens, with MoE-CompleteP/Adam.
 pub fn bench(spec: &BenchSpec) -> crate::Result<BenchReport> {
-    let cfg = ResNetConfig {
-        input_dim: spec.input_dim,
-        outputs: 1,
-        sizes: spec.sizes,
-        activation: spec.activation,
-        norm: spec.norm,
-        routing: RoutingConfig::default(),
-    };
-    check_supported(&cfg)?;
     if spec.tokens == 0 || spec.steps == 0 {
         return Err(Error::invalid("--tokens/--steps", "must be at least 1"));
     }
-    let param = ParamConfig { lr: 1e-3, input_dim: spec.input_dim, sigma_router: 1.0, ..ParamConfig::default() };
-    let hp = param.resolve(&spec.sizes)?;
     let gpu = Gpu::new(0, spec.tf32)?;
     let device = gpu.info.clone();
     let mut rng = stream_rng(spec.seed, engine::STREAM_INIT);
-    let host = MoeResNet::<f32>::new(&cfg, &hp, &mut rng)?;
-    let params_total = host.store().num_elements();
     let mut data_rng = stream_rng(spec.seed, engine::STREAM_BATCH);
-    let x = Array2::from_shape_simple_fn((spec.tokens, spec.input_dim), || StandardNormal.sample(&mut data_rng));
-    let y = Array2::from_shape_simple_fn((spec.tokens, 1), || StandardNormal.sample(&mut data_rng));
-    let mut model = GpuResNet::new(host, &hp, gpu)?;
+    let (mut model, batch, params_total, flops_per_step): (Box<dyn DeviceModel>, Batch, usize, f64) = match spec.arch {
+        BenchArch::Resnet => {
+            let cfg = ResNetConfig {
+                input_dim: spec.input_dim,
+                outputs: 1,
+                sizes: spec.sizes,
+                activation: spec.activation,
+                norm: spec.norm,
+                routing: RoutingConfig::default(),
+            };
+            resnet::check_supported(&cfg)?;
+            let param = ParamConfig { lr: 1e-3, input_dim: spec.input_dim, sigma_router: 1.0, ..ParamConfig::default() };
+            let hp = param.resolve(&spec.sizes)?;
+            let host = MoeResNet::<f32>::new(&cfg, &hp, &mut rng)?;
+            let params_total = host.store().num_elements();
+            let x = Array2::from_shape_simple_fn((spec.tokens, spec.input_dim), || StandardNormal.sample(&mut data_rng));
+            let y = Array2::from_shape_simple_fn((spec.tokens, 1), || StandardNormal.sample(&mut data_rng));
+            let flops = resnet_step_flops(&cfg, spec.tokens);
+            (Box::new(GpuResNet::new(host, &hp, gpu)?), Batch::Regression { x, y }, params_total, flops)
+        }
+        BenchArch::Transformer => {
+            if spec.batch * spec.seq != spec.tokens {
+                return Err(Error::invalid("--tokens", format!("must equal --batch x --seq ({} x {})", spec.batch, spec.seq)));
+            }
+            let cfg = TransformerConfig {
+                vocab: spec.vocab,
+                seq_len: spec.seq,
+                sizes: spec.sizes,
+                n_head: spec.n_head,
+                activation: spec.activation,
+                ..TransformerConfig::default()
+            };
+            transformer::check_supported(&cfg)?;
+            let param = ParamConfig { lr: 1e-3, ..ParamConfig::default() };
+            let hp = param.resolve(&spec.sizes)?;
+            let host = MoeTransformer::<f32>::new(&cfg, &hp, &mut rng)?;
+            let params_total = host.store().num_elements();
+            let batch = random_tokens(spec.batch, spec.seq, spec.vocab, &mut data_rng);
+            let flops = transformer_step_flops(&cfg, spec.batch, spec.seq);
+            (Box::new(GpuTransformer::new(host, &hp, gpu)?), batch, params_total, flops)
+        }
+    };
     let mut route = stream_rng(spec.seed, engine::STREAM_ROUTING);
     let mut losses = Vec::new();
     for _ in 0..spec.warmup {
-        losses.push(model.device_step(&x, &y, &mut route, 1.0, 0.9, 0.999)?.0);
+        losses.push(model.device_step(&batch, &mut route, 1.0, (0.9, 0.999))?.0);
     }
     let mut step_ms = Vec::with_capacity(spec.steps);
     for _ in 0..spec.steps {
         let start = Instant::now();
-        let (loss, _) = model.device_step(&x, &y, &mut route, 1.0, 0.9, 0.999)?;
+        let (loss, _) = model.device_step(&batch, &mut route, 1.0, (0.9, 0.999))?;
         step_ms.push(start.elapsed().as_secs_f64() * 1e3);
         losses.push(loss);
     }
     let mut sorted = step_ms.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median_step_ms = sorted[sorted.len() / 2];
-    let flops_per_step = resnet_step_flops(&cfg, spec.tokens);
     let achieved_tflops = flops_per_step / (median_step_ms * 1e-3) / 1e12;
     let peak = peak_tflops(&device.name, spec.tf32);
     Ok(BenchReport {
@@ -411,11 +489,11 @@ activation = "relu"
     #[test]
     fn unsupported_options_are_field_errors_before_any_device_call() {
         let cfg: TrainConfig = toml::from_str(RESNET).expect("test config parses");
-        assert!(resnet_config(&cfg).is_ok());
+        assert!(gpu_config(&cfg).is_ok());
 
         let mut f64_run = cfg.clone();
         f64_run.precision = Precision::F64;
-        let e = resnet_config(&f64_run).unwrap_err();
+        let e = gpu_config(&f64_run).unwrap_err();
         assert!(matches!(&e, Error::Invalid { field, .. } if field == "precision"), "{e:?}");
 
         let mut wide = cfg.clone();
@@ -423,7 +501,7 @@ activation = "relu"
             m.sizes.experts = 128;
             m.sizes.active = 65;
         }
-        let e = resnet_config(&wide).unwrap_err();
+        let e = gpu_config(&wide).unwrap_err();
         assert!(matches!(&e, Error::Invalid { field, .. } if field == "model.sizes.active"), "{e:?}");
         assert_eq!(e.exit_code(), 2);
     }

@@ -77,7 +77,8 @@ impl ResNetConfig {
         self.routing.validate(s.experts, s.active)
     }
 
-    fn moe_shape(&self) -> MoeShape {
+    /// Shapes of a block's MoE tensors.
+    pub fn moe_shape(&self) -> MoeShape {
         MoeShape {
             width: self.sizes.width,
             experts: self.sizes.experts,

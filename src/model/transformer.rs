@@ -486,7 +486,7 @@ impl<F: Real> MoeTransformer<F> {
     }
 
     /// Splits a token batch into inputs and targets after checking ids and length.
-    fn tokens(&self, batch: &Batch) -> crate::Result<(usize, usize, Vec<u32>, Vec<u32>)> {
+    pub fn tokens(&self, batch: &Batch) -> crate::Result<(usize, usize, Vec<u32>, Vec<u32>)> {
         let Batch::Tokens { ids } = batch else {
             return Err(Error::invalid("batch", "the MoE-Transformer takes token batches"));
         };

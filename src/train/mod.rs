@@ -155,6 +155,23 @@ impl Default for OptimConfig {
     }
 }
 
+/// Where a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// ndarray and rayon on the CPU, f32 or f64.
+    #[default]
+    Cpu,
+    /// The GPU backend (`crate::cuda`, f32; needs a build with `--features cuda` and an NVIDIA GPU).
+    Cuda,
+}
+
+impl Device {
+    fn is_cpu(&self) -> bool {
+        *self == Device::Cpu
+    }
+}
+
 /// Floating-point precision of the network during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -185,6 +202,9 @@ pub struct TrainConfig {
     pub steps: usize,
     #[serde(default)]
     pub precision: Precision,
+    /// `"cpu"` (default) or `"cuda"`: the same run on the GPU backend, with the same outputs.
+    #[serde(default, skip_serializing_if = "Device::is_cpu")]
+    pub device: Device,
     /// Write `weights.safetensors` after training.
     #[serde(default)]
     pub save_weights: bool,
@@ -219,6 +239,7 @@ impl TrainConfig {
             threads: default_threads(),
             steps,
             precision: Precision::F32,
+            device: Device::Cpu,
             save_weights: false,
             model,
             param: ParamConfig::default(),
@@ -604,6 +625,9 @@ fn write_task(dir: &Path, stem: &str, task: &Task) -> crate::Result<()> {
 /// and `weights.safetensors` when `save_weights`. A diverged run is a result (status `diverged`), not an
 /// error.
 pub fn train(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn Observer) -> crate::Result<Summary> {
+    if cfg.device == Device::Cuda {
+        return crate::cuda::train(cfg, out, observer);
+    }
     match cfg.precision {
         Precision::F32 => train_at::<f32>(cfg, out, observer),
         Precision::F64 => train_at::<f64>(cfg, out, observer),
@@ -616,9 +640,34 @@ fn train_at<F: Real>(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn O
     };
     // Validate and load data before touching the output directory, so bad input leaves nothing behind.
     let prepared = prepare(cfg)?;
+    let mut model = thread_pool(prepared.config.threads)?
+        .install(|| TrainedModel::<F>::init(&prepared.config, &prepared.resolved))?;
+    train_model(&prepared, model.as_model_mut(), Some(dir), observer, &[])
+}
+
+/// Trains `model` (initialised from `prepared` on any backend: the CPU models, or the GPU's) with the
+/// run's loop in the run's thread pool. With `out`, writes the files of [`train`] there, plus each
+/// `(file name, value)` of `extra` as JSON (the GPU's `device.json`).
+pub fn train_model<F: Real>(
+    prepared: &Prepared,
+    model: &mut dyn Model<F>,
+    out: Option<&Path>,
+    observer: &mut dyn Observer,
+    extra: &[(&str, serde_json::Value)],
+) -> crate::Result<Summary> {
+    let pool = thread_pool(prepared.config.threads)?;
+    let settings = prepared.config.loop_settings();
+    let Some(dir) = out else {
+        let r = pool.install(|| run_loop(model, &prepared.resolved, &prepared.data, &settings, observer))?;
+        return Ok(summarize(prepared, model.store(), &r));
+    };
     std::fs::create_dir_all(dir).map_err(|source| Error::Write { path: dir.to_path_buf(), source })?;
     let toml_text = toml::to_string(&prepared.config).map_err(|e| Error::Internal(format!("config.toml: {e}")))?;
     write_atomic(&dir.join("config.toml"), toml_text.as_bytes())?;
+    for (name, value) in extra {
+        let json = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(format!("{name}: {e}")))?;
+        write_atomic(&dir.join(name), json.as_bytes())?;
+    }
     if let TrainData::Regression { train, validation } = &prepared.data {
         write_task(dir, "task", train)?;
         if let Some(v) = validation {
@@ -626,17 +675,18 @@ fn train_at<F: Real>(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn O
         }
     }
     let mut metrics = MetricsFile::create(&dir.join("metrics.jsonl"))?;
-    let trained = {
+    let result = {
         let mut both = engine::Both(&mut metrics, observer);
-        run_prepared::<F>(prepared, &mut both)?
+        pool.install(|| run_loop(model, &prepared.resolved, &prepared.data, &settings, &mut both))?
     };
     metrics.flush()?;
-    if cfg.save_weights {
-        crate::model::io::save_safetensors(trained.model.as_model().store(), &dir.join("weights.safetensors"))?;
+    if prepared.config.save_weights {
+        crate::model::io::save_safetensors(model.store(), &dir.join("weights.safetensors"))?;
     }
-    let json = serde_json::to_string_pretty(&trained.summary).map_err(|e| Error::Internal(format!("summary.json: {e}")))?;
+    let summary = summarize(prepared, model.store(), &result);
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Internal(format!("summary.json: {e}")))?;
     write_atomic(&dir.join("summary.json"), json.as_bytes())?;
-    Ok(trained.summary)
+    Ok(summary)
 }
 
 #[cfg(test)]
