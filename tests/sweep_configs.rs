@@ -11,7 +11,7 @@ use moe_dmft::train::sweep::{PointRunner, SweepConfig, TrainRunner};
 fn valid_config(path: &Path) -> SweepConfig {
     let cfg = SweepConfig::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     for p in cfg.points().unwrap() {
-        TrainRunner.check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
+        TrainRunner::default().check(&cfg.point_config(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
     }
     cfg
 }

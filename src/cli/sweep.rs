@@ -23,6 +23,10 @@ pub struct Args {
     /// states the intent in job scripts.
     #[arg(long)]
     pub resume: bool,
+    /// Where this process trains its points (`cpu`, or `cuda`: the GPU backend), whatever the base
+    /// config says; each point's `config.toml` records it.
+    #[arg(long, value_enum, conflicts_with = "collect")]
+    pub device: Option<crate::train::Device>,
     /// Run nothing: rebuild OUT/summary.{md,json} and OUT/figures/ from the results present (e.g. once
     /// all shards of a job array have finished).
     #[arg(long, conflicts_with = "collect")]
@@ -61,7 +65,7 @@ pub fn run(args: Args) -> crate::Result<()> {
         );
         return Ok(());
     }
-    let runner = sweep::TrainRunner;
+    let runner = sweep::TrainRunner { device: args.device };
     let report = sweep::run_sweep(&cfg, &args.out, args.shard, &runner, std::io::stderr().is_terminal())?;
     println!(
         "shard {}: {} points, {} ran ({} diverged), {} already done, {} failed, {:.1} s; summary in {}",

@@ -470,7 +470,11 @@ where
 /// (`config.toml`, `metrics.jsonl`, `summary.json`) land in its folder, and the trainer's summary is kept
 /// in the record's `detail`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct TrainRunner;
+pub struct TrainRunner {
+    /// Where the points train, overriding the base config's `device` (the sweep's grid and results do not
+    /// depend on it; each point's `config.toml` records where it ran).
+    pub device: Option<super::Device>,
+}
 
 impl TrainRunner {
     fn parse(config: &toml::Table) -> Result<super::TrainConfig> {
@@ -490,7 +494,10 @@ impl PointRunner for TrainRunner {
     }
 
     fn run(&self, _point: &GridPoint, config: &toml::Table, dir: &Path) -> Result<Outcome> {
-        let cfg = Self::parse(config)?;
+        let mut cfg = Self::parse(config)?;
+        if let Some(device) = self.device {
+            cfg.device = device;
+        }
         let summary = super::train(&cfg, Some(dir), &mut super::NoObserver)?;
         let status = match summary.status {
             super::Status::Ok => RunStatus::Ok,
@@ -1373,7 +1380,7 @@ mod tests {
         assert_eq!(get(&t, keys::ACTIVE).unwrap().as_integer(), Some(4));
         // Every point is a train config the trainer accepts, and a file round trip changes nothing.
         for p in &points {
-            TrainRunner.check(&cfg.point_config(p).unwrap()).unwrap();
+            TrainRunner::default().check(&cfg.point_config(p).unwrap()).unwrap();
         }
         let back: SweepConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(back, cfg);

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# LR sweeps of issue 6 on the GPU backend, on a machine with only the packed binary (package.sh), the
+# NVIDIA driver and CUDA libraries, and the Shakespeare corpus in data-cache/shakespeare (carried). The
+# small models of the sweeps are latency-bound on a GPU, so many shard processes share it: each sweep
+# is split into shards (`--shard i/n`), all run side by side with `--device cuda`, and `--resume`
+# makes a rerun (or a later CPU run) finish what a time limit cut short. Results land in
+# validation/sweeps/results/<name> and are packed into $OUT/sweeps.tar.gz.
+#
+# Usage (repository root): LIMIT=240 bash validation/gpu/sweeps.sh NAME:SHARDS [NAME:SHARDS ...]
+set -u
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+BIN="${BIN:-$HERE/bin/moe-dmft}"
+OUT="${OUT:-$HERE/out}"
+LIMIT="${LIMIT:-240}"
+mkdir -p "$OUT"
+cd "$ROOT"
+WORK="$(mktemp -d /tmp/moe_sweeps.XXXXXX)"
+libdirs=""
+for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 \
+         $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/*/lib|'); do
+  for dd in $d; do
+    if compgen -G "$dd/libcublas.so*" >/dev/null || compgen -G "$dd/libnvrtc.so*" >/dev/null \
+       || compgen -G "$dd/libcuda.so*" >/dev/null; then libdirs="$libdirs:$dd"; fi
+  done
+done
+export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -f "$(dirname "$BIN")/lib.tar.xz" ]; then
+  tar -C "$WORK" -xJf "$(dirname "$BIN")/lib.tar.xz" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$WORK/lib"
+fi
+export OPENBLAS_NUM_THREADS=1
+names=()
+for spec in "$@"; do
+  name=${spec%%:*}; shards=${spec##*:}
+  names+=("$name")
+  for ((i = 0; i < shards; i++)); do
+    timeout "$LIMIT" "$BIN" sweep --config "validation/sweeps/$name.toml" --out "validation/sweeps/results/$name" \
+      --resume --shard "$i/$shards" --device cuda >"$WORK/$name.$i.log" 2>&1 &
+  done
+done
+wait
+for name in "${names[@]}"; do
+  echo "== $name"; tail -n 2 "$WORK/$name".*.log
+  n=$(ls "validation/sweeps/results/$name/runs" 2>/dev/null | wc -l)
+  echo "$name: $n run folders"
+done
+tar -czf "$OUT/sweeps.tar.gz" $(for n in "${names[@]}"; do echo "validation/sweeps/results/$n"; done)
+nvidia-smi --query-gpu=name --format=csv,noheader >"$OUT/gpu.txt" 2>/dev/null
+ls -la "$OUT"
