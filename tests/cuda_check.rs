@@ -1,6 +1,6 @@
-//! CPU vs GPU on the same weights for the configs of validation/gpu/ (every routing path), when a GPU is
-//! present; skipped with a message otherwise (this is the test `validation/gpu/run.sh` repeats from the
-//! binary on machines without Rust).
+//! CPU vs GPU on the same weights for the configs of validation/gpu/ (both architectures, every routing
+//! path), when a GPU is present; skipped with a message otherwise (this is the test `validation/gpu/run.sh`
+//! repeats from the binary on machines without Rust).
 #![cfg(feature = "cuda")]
 
 use std::path::Path;
@@ -14,7 +14,14 @@ fn gpu_matches_cpu_on_every_validation_config() {
         eprintln!("skipped: {e}");
         return;
     }
-    for name in ["check_softmax_norm", "check_variants", "check_zero_router", "check_index_ties"] {
+    for name in [
+        "check_transformer",
+        "check_transformer_variants",
+        "check_softmax_norm",
+        "check_variants",
+        "check_zero_router",
+        "check_index_ties",
+    ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("validation/gpu/{name}.toml"));
         let cfg = TrainConfig::from_file(&path).expect("validation config parses");
         let r = check(&cfg, name, 1e-3).expect("check runs");

@@ -6,13 +6,17 @@
 # makes a rerun (or a later CPU run) finish what a time limit cut short. Results land in
 # validation/sweeps/results/<name> and are packed into $OUT/sweeps.tar.gz.
 #
-# Usage (repository root): LIMIT=240 bash validation/gpu/sweeps.sh NAME:SHARDS [NAME:SHARDS ...]
+# Usage (repository root): LIMIT=seconds bash validation/gpu/sweeps.sh NAME:SHARDS [NAME:SHARDS ...]
+#
+# Measured once (H200, 2026-11-26, README.md "Sweeps on the GPU"): 18 shard processes side by side ran
+# 8.6 steps/s each (the width-64 Transformer of the expert_hidden sweeps), so a 3000-step point needs
+# about 350 s; with LIMIT=250 no point finished. Unfinished points restart from scratch on resume.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 BIN="${BIN:-$HERE/bin/moe-dmft}"
 OUT="${OUT:-$HERE/out}"
-LIMIT="${LIMIT:-240}"
+LIMIT="${LIMIT:-540}"
 mkdir -p "$OUT"
 cd "$ROOT"
 WORK="$(mktemp -d /tmp/moe_sweeps.XXXXXX)"
@@ -44,6 +48,9 @@ for name in "${names[@]}"; do
   n=$(ls "validation/sweeps/results/$name/runs" 2>/dev/null | wc -l)
   echo "$name: $n run folders"
 done
-tar -czf "$OUT/sweeps.tar.gz" $(for n in "${names[@]}"; do echo "validation/sweeps/results/$n"; done)
+# Finished runs only (as git keeps them): no per-step metrics, no unfinished runs; the device tool returns
+# at most 16 MB per file.
+tar -czf "$OUT/sweeps.tar.gz" --exclude=metrics.jsonl --exclude=.partial \
+  $(for n in "${names[@]}"; do echo "validation/sweeps/results/$n"; done)
 nvidia-smi --query-gpu=name --format=csv,noheader >"$OUT/gpu.txt" 2>/dev/null
 ls -la "$OUT"
