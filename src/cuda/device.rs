@@ -240,22 +240,7 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if k == 0 {
-            return Err(Error::Internal("cuda: gemm with an empty inner dimension".into()));
-        }
-        let op = |t: bool| if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let cfg = GemmConfig {
-            transa: op(tb),
-            transb: op(ta),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha,
-            lda: ldb as i32,
-            ldb: lda as i32,
-            beta,
-            ldc: ldc as i32,
-        };
+        let cfg = gemm_config(ta, tb, (m, n, k), alpha, lda, ldb, beta, ldc)?;
         // SAFETY: the callers pass views at least as long as the matrices the strides describe.
         cu(unsafe { self.blas.gemm(cfg, b, a, c) }, "cublasSgemm")
     }
@@ -279,22 +264,7 @@ impl Gpu {
         if m == 0 || n == 0 || count == 0 {
             return Ok(());
         }
-        if k == 0 {
-            return Err(Error::Internal("cuda: batched gemm with an empty inner dimension".into()));
-        }
-        let op = |t: bool| if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let gemm = GemmConfig {
-            transa: op(tb),
-            transb: op(ta),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha,
-            lda: ldb as i32,
-            ldb: lda as i32,
-            beta,
-            ldc: ldc as i32,
-        };
+        let gemm = gemm_config(ta, tb, (m, n, k), alpha, lda, ldb, beta, ldc)?;
         let cfg = StridedBatchedConfig {
             gemm,
             batch_size: count as i32,
@@ -318,6 +288,37 @@ impl Gpu {
         let blocks = items.div_ceil(per_block).max(1) as u32;
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
+}
+
+/// cuBLAS's column-major view of the row-major product of [`Gpu::gemm`]: a row-major matrix is its
+/// transpose there, so `C^T = op(B)^T op(A)^T`, with A and B (and their strides) swapped.
+#[allow(clippy::too_many_arguments)]
+fn gemm_config(
+    ta: bool,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    lda: usize,
+    ldb: usize,
+    beta: f32,
+    ldc: usize,
+) -> crate::Result<GemmConfig<f32>> {
+    if k == 0 {
+        return Err(Error::Internal("cuda: gemm with an empty inner dimension".into()));
+    }
+    let op = |t: bool| if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N };
+    Ok(GemmConfig {
+        transa: op(tb),
+        transb: op(ta),
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha,
+        lda: ldb as i32,
+        ldb: lda as i32,
+        beta,
+        ldc: ldc as i32,
+    })
 }
 
 /// A null device pointer for the kernels' optional arguments.

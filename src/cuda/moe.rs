@@ -12,11 +12,13 @@ use cudarc::driver::CudaSlice;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::device::{Gpu, NULL};
+use super::device::{Gpu, MAX_ACTIVE, NULL};
 use crate::cuda_launch;
 use crate::model::moe::{MoeMultipliers, MoeParamIds};
 use crate::model::Activation;
+use crate::param::Sizes;
 use crate::routing::{Gate, LoadStats, RoutingConfig, TieBreak};
+use crate::Error;
 
 /// The kernels' code of an activation (the order of [`Activation`]).
 pub fn act_kind(a: Activation) -> i32 {
@@ -38,6 +40,20 @@ pub fn rms(g: &Gpu, x: &CudaSlice<f32>, rows: usize, width: usize) -> crate::Res
     cuda_launch!(g, "row_sumsq", Gpu::per_warp(rows), x, &mut out, &r, &w)?;
     let sums = g.download(&out, rows)?;
     Ok((sums.iter().sum::<f64>() / (rows * width) as f64).sqrt())
+}
+
+/// The limits of the routing kernel, as a config error naming the field.
+pub fn check_supported(sizes: &Sizes) -> crate::Result<()> {
+    if sizes.active > MAX_ACTIVE {
+        return Err(Error::invalid(
+            "model.sizes.active",
+            format!("the GPU backend routes at most {MAX_ACTIVE} experts per token, got {}", sizes.active),
+        ));
+    }
+    if [sizes.width * 3, sizes.experts, sizes.expert_hidden].iter().any(|&v| v > i32::MAX as usize / 4) {
+        return Err(Error::invalid("model.sizes", "too large for the GPU backend's 32-bit indices"));
+    }
+    Ok(())
 }
 
 /// [`crate::routing::Routing::load_stats`] from the kept counts per expert.
@@ -104,7 +120,19 @@ pub struct MoeForward {
     pub out_rms: f64,
 }
 
-impl GpuMoe<'_> {
+impl<'a> GpuMoe<'a> {
+    pub fn new(sizes: &Sizes, routing: &'a RoutingConfig, activation: Activation, mult: MoeMultipliers) -> Self {
+        GpuMoe {
+            width: sizes.width,
+            experts: sizes.experts,
+            active: sizes.active,
+            expert_hidden: sizes.expert_hidden,
+            routing,
+            activation,
+            mult,
+        }
+    }
+
     /// Forward on `a` (T x N) with the layer's tensors at `ids` in `p`; `rng` gives the tie-break
     /// draws, the same ones as [`crate::routing::route`].
     pub fn forward(

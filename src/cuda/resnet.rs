@@ -16,9 +16,9 @@ use cudarc::driver::CudaSlice;
 use ndarray::Array2;
 use rand_chacha::ChaCha8Rng;
 
-use super::device::{cu, Gpu, MAX_ACTIVE};
-use super::moe::{rms, GpuMoe, MoeCache};
-use super::state::DeviceParams;
+use super::device::{cu, Gpu};
+use super::moe::{self, rms, GpuMoe, MoeCache};
+use super::state::{self, position, DeviceParams};
 use crate::cuda_launch;
 use crate::model::moe::{MoeMultipliers, MoeParamIds};
 use crate::model::resnet::{MoeResNet, ResNetConfig, ResNetMultipliers, NORM_EPS};
@@ -70,23 +70,10 @@ impl std::fmt::Debug for GpuResNet {
     }
 }
 
-fn position(store: &ParamStore<f32>, name: &str) -> crate::Result<usize> {
-    store.index_of(name).ok_or_else(|| Error::Internal(format!("cuda: tensor `{name}` missing from the store")))
-}
-
 /// Checks the options the GPU backend supports; errors name the config field.
 pub fn check_supported(cfg: &ResNetConfig) -> crate::Result<()> {
     cfg.validate()?;
-    if cfg.sizes.active > MAX_ACTIVE {
-        return Err(Error::invalid(
-            "model.sizes.active",
-            format!("the GPU backend routes at most {MAX_ACTIVE} experts per token, got {}", cfg.sizes.active),
-        ));
-    }
-    if cfg.sizes.width > i32::MAX as usize / 4 || cfg.sizes.experts > i32::MAX as usize / 4 {
-        return Err(Error::invalid("model.sizes", "too large for the GPU backend's 32-bit indices"));
-    }
-    Ok(())
+    moe::check_supported(&cfg.sizes)
 }
 
 impl GpuResNet {
@@ -116,13 +103,9 @@ impl GpuResNet {
         &self.host
     }
 
-    fn lock(&self) -> crate::Result<std::sync::MutexGuard<'_, DeviceParams>> {
-        self.state.lock().map_err(|_| Error::Internal("cuda: device state poisoned by an earlier failure".into()))
-    }
-
     /// Copies the device parameters back into the host store (after [`Self::device_step`]).
     pub fn download_params(&mut self) -> crate::Result<()> {
-        let st = self.state.get_mut().map_err(|_| Error::Internal("cuda: device state poisoned".into()))?;
+        let st = state::get_mut(&mut self.state)?;
         st.download_into(&self.gpu, self.host.store_mut())
     }
 
@@ -130,15 +113,7 @@ impl GpuResNet {
     fn moe(&self) -> GpuMoe<'_> {
         let cfg = self.host.config();
         let m = self.host.multipliers();
-        GpuMoe {
-            width: cfg.sizes.width,
-            experts: cfg.sizes.experts,
-            active: cfg.sizes.active,
-            expert_hidden: cfg.sizes.expert_hidden,
-            routing: &cfg.routing,
-            activation: cfg.activation,
-            mult: MoeMultipliers { router: m.router, up: m.up, down: m.down },
-        }
+        GpuMoe::new(&cfg.sizes, &cfg.routing, cfg.activation, MoeMultipliers { router: m.router, up: m.up, down: m.down })
     }
 
     fn regression<'b>(&self, batch: &'b Batch) -> crate::Result<(&'b Array2<f64>, &'b Array2<f64>)> {
@@ -287,7 +262,7 @@ impl GpuResNet {
     ) -> crate::Result<(f64, Vec<LoadStats>)> {
         let (x, y) = self.regression(batch)?;
         let (loss, load) = {
-            let mut st = self.lock()?;
+            let mut st = state::lock(&self.state)?;
             let (loss, fw) = self.forward_backward(&mut st, x, y, rng)?;
             st.optimizer_step(&self.gpu, self.host.store(), &self.hp, lr_factor, (beta1, beta2))?;
             self.gpu.sync()?;
@@ -296,7 +271,7 @@ impl GpuResNet {
         // Auxiliary-loss-free balancing moves the biases on the host; copy them to the device.
         if self.host.config().routing.bias_update_rate != 0.0 {
             self.host.after_step(&load);
-            let st = self.state.get_mut().map_err(|_| Error::Internal("cuda: device state poisoned".into()))?;
+            let st = state::get_mut(&mut self.state)?;
             for ids in &self.blocks {
                 st.upload_one(&self.gpu, self.host.store(), ids.moe.bias)?;
             }
@@ -316,7 +291,7 @@ impl Model<f32> for GpuResNet {
 
     fn loss_and_grad(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> crate::Result<StepOutput<f32>> {
         let (x, y) = self.regression(batch)?;
-        let mut st = self.lock()?;
+        let mut st = state::lock(&self.state)?;
         st.upload(&self.gpu, self.host.store())?;
         let (loss, fw) = self.forward_backward(&mut st, x, y, rng)?;
         let grads = st.grads_to_host(&self.gpu, self.host.store())?;
@@ -325,7 +300,7 @@ impl Model<f32> for GpuResNet {
 
     fn forward(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> crate::Result<(f64, Array2<f64>)> {
         let (x, y) = self.regression(batch)?;
-        let mut st = self.lock()?;
+        let mut st = state::lock(&self.state)?;
         st.upload(&self.gpu, self.host.store())?;
         let fw = self.forward_pass(&st, x, rng)?;
         let b = x.nrows();

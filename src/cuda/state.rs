@@ -2,6 +2,8 @@
 //! host [`ParamStore`], and the optimizer update on the device (SGD or AdamW with every group's
 //! hyperparameters, the same arithmetic as [`crate::train::optim`]).
 
+use std::sync::{Mutex, MutexGuard};
+
 use cudarc::driver::CudaSlice;
 use ndarray::{ArrayD, IxDyn};
 
@@ -11,6 +13,21 @@ use crate::model::{Grads, ParamStore};
 use crate::param::{Optimizer, Resolved};
 use crate::train::optim::{param_hps, ParamHp};
 use crate::Error;
+
+/// Where tensor `name` sits in `store`.
+pub fn position(store: &ParamStore<f32>, name: &str) -> crate::Result<usize> {
+    store.index_of(name).ok_or_else(|| Error::Internal(format!("cuda: tensor `{name}` missing from the store")))
+}
+
+/// The device state behind a model's lock (the [`crate::model::Model`] methods take `&self`).
+pub fn lock(state: &Mutex<DeviceParams>) -> crate::Result<MutexGuard<'_, DeviceParams>> {
+    state.lock().map_err(|_| Error::Internal("cuda: device state poisoned by an earlier failure".into()))
+}
+
+/// The device state of a model held mutably.
+pub fn get_mut(state: &mut Mutex<DeviceParams>) -> crate::Result<&mut DeviceParams> {
+    state.get_mut().map_err(|_| Error::Internal("cuda: device state poisoned by an earlier failure".into()))
+}
 
 /// Row-major entries of a tensor.
 pub fn flat(a: &ArrayD<f32>) -> Vec<f32> {

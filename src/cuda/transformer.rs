@@ -19,48 +19,31 @@ use cudarc::driver::CudaSlice;
 use ndarray::Array2;
 use rand_chacha::ChaCha8Rng;
 
-use super::device::{Gpu, MAX_ACTIVE};
-use super::moe::{act_kind, rms, GpuMoe, MoeCache};
-use super::state::DeviceParams;
+use super::device::Gpu;
+use super::moe::{self, act_kind, rms, GpuMoe, MoeCache};
+use super::state::{self, DeviceParams};
 use crate::cuda_launch;
-use crate::model::moe::{MoeMultipliers, MoeParamIds};
-use crate::model::transformer::{MoeTransformer, TransformerConfig};
+use crate::model::transformer::{BlockIds, FfnIds, MoeTransformer, TransformerConfig, TransformerMultipliers};
 use crate::model::{Batch, Model, ParamStore, StepOutput};
-use crate::param::{Group, Resolved};
+use crate::param::Resolved;
 use crate::routing::LoadStats;
 use crate::Error;
-
-/// Store positions of one block's tensors.
-#[derive(Debug, Clone, Copy)]
-struct BlockIds {
-    attn_norm: usize,
-    qkv: usize,
-    out: usize,
-    ffn_norm: usize,
-    ffn: FfnIds,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum FfnIds {
-    Moe(MoeParamIds),
-    Dense { up: usize, down: usize },
-}
-
-/// Forward multipliers, read once from the parameterization (as the CPU model does).
-#[derive(Debug, Clone, Copy)]
-struct Multipliers {
-    embedding: f64,
-    qkv: f64,
-    out: f64,
-    moe: MoeMultipliers,
-    unembedding: f64,
-    residual: f64,
-}
 
 /// An RMS norm's saved values: normalized rows before the gain, and the inverse RMS per row.
 struct NormCache {
     xhat: CudaSlice<f32>,
     inv: CudaSlice<f32>,
+}
+
+/// Attention's sizes for a batch: width, heads, head size, tokens B*S, (sequence, head) pairs B*H, and the
+/// logit scale `attn_logit_multiplier / d_head`.
+struct AttnDims {
+    n: usize,
+    n_head: usize,
+    d_head: usize,
+    tokens: usize,
+    pairs: usize,
+    scale: f32,
 }
 
 struct AttnCache {
@@ -107,7 +90,7 @@ pub struct GpuTransformer {
     host: MoeTransformer<f32>,
     hp: Resolved,
     gpu: Gpu,
-    mult: Multipliers,
+    mult: TransformerMultipliers,
     embedding: usize,
     position: usize,
     blocks: Vec<BlockIds>,
@@ -123,22 +106,12 @@ impl std::fmt::Debug for GpuTransformer {
     }
 }
 
-fn position(store: &ParamStore<f32>, name: &str) -> crate::Result<usize> {
-    store.index_of(name).ok_or_else(|| Error::Internal(format!("cuda: tensor `{name}` missing from the store")))
-}
-
 /// Checks the options the GPU backend supports; errors name the config field.
 pub fn check_supported(cfg: &TransformerConfig) -> crate::Result<()> {
     cfg.validate()?;
-    if cfg.sizes.active > MAX_ACTIVE {
-        return Err(Error::invalid(
-            "model.sizes.active",
-            format!("the GPU backend routes at most {MAX_ACTIVE} experts per token, got {}", cfg.sizes.active),
-        ));
-    }
-    let s = &cfg.sizes;
-    if [s.width * 3, s.experts, s.expert_hidden, cfg.vocab, cfg.seq_len].iter().any(|&v| v > i32::MAX as usize / 4) {
-        return Err(Error::invalid("model.sizes", "too large for the GPU backend's 32-bit indices"));
+    moe::check_supported(&cfg.sizes)?;
+    if cfg.vocab.max(cfg.seq_len) > i32::MAX as usize / 4 {
+        return Err(Error::invalid("model.vocab", "too large for the GPU backend's 32-bit indices"));
     }
     Ok(())
 }
@@ -168,37 +141,17 @@ impl GpuTransformer {
     pub fn new(host: MoeTransformer<f32>, hp: &Resolved, gpu: Gpu) -> crate::Result<Self> {
         let cfg = host.config().clone();
         check_supported(&cfg)?;
-        let store = host.store();
-        let mut blocks = Vec::with_capacity(cfg.sizes.depth);
-        for l in 0..cfg.sizes.depth {
-            let p = |s: &str| position(store, &format!("blocks.{l}.{s}"));
-            let ffn = if cfg.is_moe_block(l) {
-                FfnIds::Moe(MoeParamIds::find(store, &format!("blocks.{l}.moe"), &cfg.moe_shape())?)
-            } else {
-                FfnIds::Dense { up: p("ffn.expert_up")?, down: p("ffn.expert_down")? }
-            };
-            blocks.push(BlockIds { attn_norm: p("attn_norm")?, qkv: p("attn.qkv")?, out: p("attn.out")?, ffn_norm: p("ffn_norm")?, ffn });
-        }
-        let mult = Multipliers {
-            embedding: hp.get(Group::Embedding).multiplier,
-            qkv: hp.get(Group::AttnQkv).multiplier,
-            out: hp.get(Group::AttnOut).multiplier,
-            moe: MoeMultipliers::from_resolved(hp),
-            unembedding: hp.get(Group::Unembedding).multiplier,
-            residual: hp.residual_multiplier,
-        };
-        let embedding = position(store, "embedding")?;
-        let position_id = position(store, "position_embedding")?;
-        let final_norm = position(store, "final_norm")?;
-        let unembedding = if cfg.tied_embeddings { None } else { Some(position(store, "unembedding")?) };
-        let state = DeviceParams::new(&gpu, store)?;
+        let blocks = host.block_ids().to_vec();
+        let mult = *host.multipliers();
+        let (embedding, position, final_norm, unembedding) = host.io_ids();
+        let state = DeviceParams::new(&gpu, host.store())?;
         Ok(GpuTransformer {
             host,
             hp: hp.clone(),
             gpu,
             mult,
             embedding,
-            position: position_id,
+            position,
             blocks,
             final_norm,
             unembedding,
@@ -211,27 +164,15 @@ impl GpuTransformer {
         &self.host
     }
 
-    fn lock(&self) -> crate::Result<std::sync::MutexGuard<'_, DeviceParams>> {
-        self.state.lock().map_err(|_| Error::Internal("cuda: device state poisoned by an earlier failure".into()))
-    }
-
     /// Copies the device parameters back into the host store (after [`Self::device_step`]).
     pub fn download_params(&mut self) -> crate::Result<()> {
-        let st = self.state.get_mut().map_err(|_| Error::Internal("cuda: device state poisoned".into()))?;
+        let st = state::get_mut(&mut self.state)?;
         st.download_into(&self.gpu, self.host.store_mut())
     }
 
     fn moe(&self) -> GpuMoe<'_> {
         let cfg = self.host.config();
-        GpuMoe {
-            width: cfg.sizes.width,
-            experts: cfg.sizes.experts,
-            active: cfg.sizes.active,
-            expert_hidden: cfg.sizes.expert_hidden,
-            routing: &cfg.routing,
-            activation: cfg.activation,
-            mult: self.mult.moe,
-        }
+        GpuMoe::new(&cfg.sizes, &cfg.routing, cfg.activation, self.mult.moe)
     }
 
     fn unembedding_id(&self) -> usize {
@@ -277,14 +218,18 @@ impl GpuTransformer {
         Ok(y)
     }
 
-    /// Causal multi-head attention on `a` (T x N); returns the output (T x N) and the cache.
-    fn attention_forward(&self, p: &[CudaSlice<f32>], ids: &BlockIds, a: CudaSlice<f32>, batch: usize, seq: usize) -> crate::Result<(CudaSlice<f32>, AttnCache)> {
-        let g = &self.gpu;
+    fn attn_dims(&self, batch: usize, seq: usize) -> AttnDims {
         let cfg = self.host.config();
         let (n, n_head) = (cfg.sizes.width, cfg.n_head);
         let d_head = n / n_head;
-        let (tokens, pairs) = (batch * seq, batch * n_head);
         let scale = (cfg.attn_logit_multiplier / d_head as f64) as f32;
+        AttnDims { n, n_head, d_head, tokens: batch * seq, pairs: batch * n_head, scale }
+    }
+
+    /// Causal multi-head attention on `a` (T x N); returns the output (T x N) and the cache.
+    fn attention_forward(&self, p: &[CudaSlice<f32>], ids: &BlockIds, a: CudaSlice<f32>, batch: usize, seq: usize) -> crate::Result<(CudaSlice<f32>, AttnCache)> {
+        let g = &self.gpu;
+        let AttnDims { n, n_head, d_head, tokens, pairs, scale } = self.attn_dims(batch, seq);
         let mut qkv = g.zeros::<f32>(tokens * 3 * n)?;
         g.gemm(false, true, (tokens, 3 * n, n), self.mult.qkv as f32, &a.slice(..), n, &p[ids.qkv].slice(..), n, 0.0, &mut qkv.slice_mut(..), 3 * n)?;
         let mut heads = g.zeros::<f32>(tokens * 3 * n)?;
@@ -321,11 +266,7 @@ impl GpuTransformer {
         seq: usize,
     ) -> crate::Result<CudaSlice<f32>> {
         let g = &self.gpu;
-        let cfg = self.host.config();
-        let (n, n_head) = (cfg.sizes.width, cfg.n_head);
-        let d_head = n / n_head;
-        let (tokens, pairs) = (batch * seq, batch * n_head);
-        let scale = (cfg.attn_logit_multiplier / d_head as f64) as f32;
+        let AttnDims { n, n_head, d_head, tokens, pairs, scale } = self.attn_dims(batch, seq);
         let m_out = self.mult.out as f32;
         g.gemm(true, false, (n, n, tokens), m_out, &dy.slice(..), n, &c.context.slice(..), n, 0.0, &mut grads[ids.out].slice_mut(..), n)?;
         let mut d_context = g.zeros::<f32>(tokens * n)?;
@@ -515,7 +456,7 @@ impl GpuTransformer {
     /// The host store is not updated (see [`Self::download_params`]) except the balancing biases.
     pub fn device_step(&mut self, batch: &Batch, rng: &mut ChaCha8Rng, lr_factor: f64, betas: (f64, f64)) -> crate::Result<(f64, Vec<LoadStats>)> {
         let (loss, load) = {
-            let mut st = self.lock()?;
+            let mut st = state::lock(&self.state)?;
             let fw = self.forward_backward(&mut st, batch, rng)?;
             st.optimizer_step(&self.gpu, self.host.store(), &self.hp, lr_factor, betas)?;
             self.gpu.sync()?;
@@ -523,7 +464,7 @@ impl GpuTransformer {
         };
         if self.host.config().routing.bias_update_rate != 0.0 {
             self.host.after_step(&load);
-            let st = self.state.get_mut().map_err(|_| Error::Internal("cuda: device state poisoned".into()))?;
+            let st = state::get_mut(&mut self.state)?;
             for ids in &self.blocks {
                 if let FfnIds::Moe(m) = ids.ffn {
                     st.upload_one(&self.gpu, self.host.store(), m.bias)?;
@@ -544,7 +485,7 @@ impl Model<f32> for GpuTransformer {
     }
 
     fn loss_and_grad(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> crate::Result<StepOutput<f32>> {
-        let mut st = self.lock()?;
+        let mut st = state::lock(&self.state)?;
         st.upload(&self.gpu, self.host.store())?;
         let fw = self.forward_backward(&mut st, batch, rng)?;
         let grads = st.grads_to_host(&self.gpu, self.host.store())?;
@@ -552,7 +493,7 @@ impl Model<f32> for GpuTransformer {
     }
 
     fn forward(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> crate::Result<(f64, Array2<f64>)> {
-        let mut st = self.lock()?;
+        let mut st = state::lock(&self.state)?;
         st.upload(&self.gpu, self.host.store())?;
         let fw = self.forward_pass(&st, batch, rng)?;
         Ok((fw.loss, Array2::zeros((0, 0))))

@@ -201,38 +201,42 @@ impl TransformerConfig {
     }
 }
 
-/// Where one block's tensors sit in the store.
-#[derive(Debug, Clone)]
-struct BlockIds {
-    attn_norm: usize,
-    qkv: usize,
-    out: usize,
-    ffn_norm: usize,
-    ffn: FfnIds,
+/// Where one block's tensors sit in the store (positions in [`ParamStore::params`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockIds {
+    pub attn_norm: usize,
+    pub qkv: usize,
+    pub out: usize,
+    pub ffn_norm: usize,
+    pub ffn: FfnIds,
 }
 
-#[derive(Debug, Clone)]
-enum FfnIds {
+/// A block's feed-forward tensors: the MoE layer's, or the dense FFN's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnIds {
     Moe(MoeParamIds),
     Dense { up: usize, down: usize },
 }
 
 /// Forward multipliers, read once from the parameterization.
-#[derive(Debug, Clone, Copy)]
-struct Multipliers {
-    embedding: f64,
-    qkv: f64,
-    out: f64,
-    moe: MoeMultipliers,
-    unembedding: f64,
-    residual: f64,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransformerMultipliers {
+    /// `alpha_in` (group `embedding`, token and position embeddings).
+    pub embedding: f64,
+    pub qkv: f64,
+    pub out: f64,
+    pub moe: MoeMultipliers,
+    /// `alpha_out` (group `unembedding`).
+    pub unembedding: f64,
+    /// `beta_L`, the multiplier of both residual branches.
+    pub residual: f64,
 }
 
 /// The MoE-Transformer: configuration, multipliers and parameters.
 #[derive(Debug, Clone)]
 pub struct MoeTransformer<F> {
     cfg: TransformerConfig,
-    mult: Multipliers,
+    mult: TransformerMultipliers,
     store: ParamStore<F>,
     embedding: usize,
     position: usize,
@@ -419,7 +423,7 @@ impl<F: Real> MoeTransformer<F> {
                 ffn,
             });
         }
-        let mult = Multipliers {
+        let mult = TransformerMultipliers {
             embedding: hp.get(Group::Embedding).multiplier,
             qkv: hp.get(Group::AttnQkv).multiplier,
             out: hp.get(Group::AttnOut).multiplier,
@@ -445,6 +449,21 @@ impl<F: Real> MoeTransformer<F> {
 
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    pub fn multipliers(&self) -> &TransformerMultipliers {
+        &self.mult
+    }
+
+    /// Store positions of every block's tensors, in block order.
+    pub fn block_ids(&self) -> &[BlockIds] {
+        &self.blocks
+    }
+
+    /// Store positions of the token embedding, the position embedding, the final norm's gain, and the
+    /// unembedding (`None` when tied to the token embedding).
+    pub fn io_ids(&self) -> (usize, usize, usize, Option<usize>) {
+        (self.embedding, self.position, self.final_norm, self.unembedding)
     }
 
     /// Parameters that take part in one token's forward pass (routed experts counted k times out of M,

@@ -24,21 +24,7 @@ LOG="$OUT/run.log"
 : >"$LOG"
 log() { echo "[$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
-# cuBLAS and NVRTC: a CUDA install and/or the nvidia-* wheels next to PyTorch.
-libdirs=""
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
-         $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/*/lib|'); do
-  for dd in $d; do
-    # any one of them is enough: the wheels put cuBLAS and NVRTC in separate folders
-    if compgen -G "$dd/libcublas.so*" >/dev/null || compgen -G "$dd/libnvrtc.so*" >/dev/null \
-       || compgen -G "$dd/libcuda.so*" >/dev/null; then libdirs="$libdirs:$dd"; fi
-  done
-done
-export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# The libraries package.sh packed beside the binary (OpenBLAS, fontconfig, ...), last: the machine's own win.
-if [ -f "$(dirname "$BIN")/lib.tar.xz" ]; then
-  tar -C "$WORK" -xJf "$(dirname "$BIN")/lib.tar.xz" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$WORK/lib"
-fi
+. "$HERE/env.sh"
 export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1
 log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 

@@ -20,19 +20,7 @@ LIMIT="${LIMIT:-540}"
 mkdir -p "$OUT"
 cd "$ROOT"
 WORK="$(mktemp -d /tmp/moe_sweeps.XXXXXX)"
-libdirs=""
-for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 \
-         $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/*/lib|'); do
-  for dd in $d; do
-    if compgen -G "$dd/libcublas.so*" >/dev/null || compgen -G "$dd/libnvrtc.so*" >/dev/null \
-       || compgen -G "$dd/libcuda.so*" >/dev/null; then libdirs="$libdirs:$dd"; fi
-  done
-done
-export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if [ -f "$(dirname "$BIN")/lib.tar.xz" ]; then
-  tar -C "$WORK" -xJf "$(dirname "$BIN")/lib.tar.xz" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$WORK/lib"
-fi
-export OPENBLAS_NUM_THREADS=1
+. "$HERE/env.sh"
 names=()
 for spec in "$@"; do
   name=${spec%%:*}; shards=${spec##*:}
