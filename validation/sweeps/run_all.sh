@@ -51,6 +51,7 @@ if [ $# -eq 0 ]; then
     --out validation/sweeps/results/depth_moe-completep_seeds --resume
   dirs+=(validation/sweeps/results/depth_moe-completep_seeds)
   fine_followup expert_hidden_moe-completep 007 006 005
+  fine_followup expert_hidden_mup 007 006 005
   fine_followup experts_moe-completep 008 007 006 005
 fi
 "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
