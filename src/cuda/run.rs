@@ -20,7 +20,7 @@ use crate::model::{Activation, Batch, Model};
 use crate::param::{ParamConfig, Sizes};
 use crate::routing::RoutingConfig;
 use crate::train::engine::{self, stream_rng, Observer, TrainData};
-use crate::train::{prepare, ModelConfig, Precision, Prepared, Summary, TrainConfig};
+use crate::train::{prepare, thread_pool, train_model, ModelConfig, Precision, Prepared, Summary, TrainConfig};
 use crate::Error;
 
 /// Checks that the GPU backend runs `cfg` (f32, supported sizes); errors name the config field.
@@ -38,37 +38,19 @@ pub fn gpu_config(cfg: &TrainConfig) -> crate::Result<()> {
     })
 }
 
-/// What a generic entry point does with the host model and its device twin, for either architecture.
-trait WithModels<T> {
-    /// `host` is the freshly initialised CPU model; `device` the same weights on the GPU.
-    fn run<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(self, host: C, host64: C64, device: D) -> crate::Result<T>;
+/// The freshly initialised CPU model of a prepared run, from the CPU trainer's init stream, so CPU and
+/// GPU runs of one config start from identical weights.
+enum Host {
+    Resnet(MoeResNet<f32>),
+    Transformer(MoeTransformer<f32>),
 }
 
-/// Builds the model of a prepared run from the CPU trainer's init stream (so CPU and GPU runs of one
-/// config start from identical weights), puts it on `gpu`, and hands both to `f`.
-fn with_models<T>(p: &Prepared, gpu: Gpu, f: impl WithModels<T>) -> crate::Result<T> {
+fn init_host(p: &Prepared) -> crate::Result<Host> {
     let mut rng = stream_rng(p.config.seed, engine::STREAM_INIT);
-    match &p.config.model {
-        ModelConfig::Resnet(m) => {
-            let host = MoeResNet::<f32>::new(m, &p.resolved, &mut rng)?;
-            let host64 = host.cast::<f64>();
-            let device = GpuResNet::new(host.clone(), &p.resolved, gpu)?;
-            f.run(host, host64, device)
-        }
-        ModelConfig::Transformer(m) => {
-            let host = MoeTransformer::<f32>::new(m, &p.resolved, &mut rng)?;
-            let host64 = host.cast::<f64>();
-            let device = GpuTransformer::new(host.clone(), &p.resolved, gpu)?;
-            f.run(host, host64, device)
-        }
-    }
-}
-
-fn pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Internal(format!("thread pool: {e}")))
+    Ok(match &p.config.model {
+        ModelConfig::Resnet(m) => Host::Resnet(MoeResNet::new(m, &p.resolved, &mut rng)?),
+        ModelConfig::Transformer(m) => Host::Transformer(MoeTransformer::new(m, &p.resolved, &mut rng)?),
+    })
 }
 
 /// Trains the model of `cfg` (an ordinary `moe-dmft train` config, either architecture) on the GPU with
@@ -78,19 +60,13 @@ pub fn train(cfg: &TrainConfig, out: Option<&Path>, observer: &mut dyn Observer,
     gpu_config(cfg)?;
     let prepared = prepare(cfg)?;
     let gpu = Gpu::new(0, tf32)?;
-    struct Train<'a> {
-        prepared: &'a Prepared,
-        out: Option<&'a Path>,
-        observer: &'a mut dyn Observer,
-        device: serde_json::Value,
-    }
-    impl WithModels<Summary> for Train<'_> {
-        fn run<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(self, _: C, _: C64, mut model: D) -> crate::Result<Summary> {
-            crate::train::train_model(self.prepared, &mut model, self.out, self.observer, &[("device.json", self.device)])
+    let device = [("device.json", serde_json::to_value(&gpu.info).map_err(|e| Error::Internal(format!("device.json: {e}")))?)];
+    match init_host(&prepared)? {
+        Host::Resnet(h) => train_model(&prepared, &mut GpuResNet::new(h, &prepared.resolved, gpu)?, out, observer, &device),
+        Host::Transformer(h) => {
+            train_model(&prepared, &mut GpuTransformer::new(h, &prepared.resolved, gpu)?, out, observer, &device)
         }
     }
-    let device = serde_json::to_value(&gpu.info).map_err(|e| Error::Internal(format!("device.json: {e}")))?;
-    with_models(&prepared, gpu, Train { prepared: &prepared, out, observer, device })
 }
 
 /// Relative error `|a - b| / |reference|` of two tensors (absolute when the reference is zero).
@@ -165,19 +141,17 @@ pub fn check(cfg: &TrainConfig, name: &str, tolerance: f64) -> crate::Result<Che
     };
     let gpu = Gpu::new(0, false)?;
     let device = gpu.info.clone();
-    struct Check<'a> {
-        prepared: &'a Prepared,
-        batch: Batch,
-        name: &'a str,
-        tolerance: f64,
-        device: DeviceInfo,
-    }
-    impl WithModels<CheckReport> for Check<'_> {
-        fn run<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(self, cpu: C, cpu64: C64, gpu_model: D) -> crate::Result<CheckReport> {
-            compare(self.prepared, &self.batch, self.name, self.tolerance, self.device, cpu, cpu64, gpu_model)
+    let hp = &prepared.resolved;
+    match init_host(&prepared)? {
+        Host::Resnet(h) => {
+            let (h64, dev) = (h.cast::<f64>(), GpuResNet::new(h.clone(), hp, gpu)?);
+            compare(&prepared, &batch, name, tolerance, device, h, h64, dev)
+        }
+        Host::Transformer(h) => {
+            let (h64, dev) = (h.cast::<f64>(), GpuTransformer::new(h.clone(), hp, gpu)?);
+            compare(&prepared, &batch, name, tolerance, device, h, h64, dev)
         }
     }
-    with_models(&prepared, gpu, Check { prepared: &prepared, batch, name, tolerance, device })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -192,7 +166,7 @@ fn compare<C: Model<f32> + Clone, C64: Model<f64>, D: DeviceModel>(
     mut gpu_model: D,
 ) -> crate::Result<CheckReport> {
     let route = || stream_rng(prepared.config.seed, engine::STREAM_ROUTING);
-    let pool = pool(prepared.config.threads)?;
+    let pool = thread_pool(prepared.config.threads)?;
     let (c, c64, (_, f_cpu)) = pool.install(|| -> crate::Result<_> {
         Ok((cpu.loss_and_grad(batch, &mut route())?, cpu64.loss_and_grad(batch, &mut route())?, cpu.forward(batch, &mut route())?))
     })?;

@@ -564,7 +564,8 @@ pub fn summarize<F: Real>(p: &Prepared, store: &ParamStore<F>, r: &LoopResult) -
     }
 }
 
-fn thread_pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
+/// A rayon pool of `threads` threads, as every run uses (results depend on the thread count, not on timing).
+pub fn thread_pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
