@@ -11,8 +11,6 @@ import json
 import os
 import re
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # Timings, in run.sh's order: MoE-ResNet, then MoE-Transformer.
 BENCH = ["ours_f32", "torch_eager_f32", "ours_tf32", "torch_eager_tf32", "torch_compile_f32",
          "ours_transformer_f32", "torch_eager_transformer_f32", "ours_transformer_tf32",
@@ -114,12 +112,6 @@ def train_compare(w, cpu_dir, gpu_dir, config):
     }
 
 
-def config_name(pattern):
-    """validation/gpu/<file> for the one config file matching pattern next to this script, else None."""
-    found = sorted(glob.glob(os.path.join(HERE, pattern)))
-    return "validation/gpu/" + os.path.basename(found[0]) if found else None
-
-
 def num(v, f="%.2e"):
     return f % v if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
 
@@ -156,8 +148,7 @@ def main():
             res[key] = s
 
     for key, suffix, config in [("train_compare", "", "validation/gpu/train_small.toml"),
-                                ("train_compare_transformer", "_transformer",
-                                 config_name("train_transformer*.toml"))]:
+                                ("train_compare_transformer", "_transformer", "validation/gpu/train_transformer.toml")]:
         t = train_compare(w, "train%s_cpu" % suffix, "train%s_gpu" % suffix, config)
         if t is not None:
             res[key] = t
