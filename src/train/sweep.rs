@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::param::{Axis, Sizes};
 use crate::{Error, Result};
-use analysis::{Drift, LrPoint, Optimum};
+use analysis::{Drift, LrPoint, Optimum, SeedRun};
 
 /// A sweep: a base training config and the grid laid over it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -859,19 +859,8 @@ pub fn summarize(cfg: &SweepConfig, out: &Path) -> Result<SweepSummary> {
 }
 
 fn lr_point(lr_log2: f64, cell: &[&&RunRecord], metric: Metric) -> LrPoint {
-    let values: Vec<Option<f64>> = cell.iter().map(|r| r.metric(metric).filter(|v| v.is_finite())).collect();
-    let diverged = values.iter().filter(|v| v.is_none()).count();
-    let finite: Vec<f64> = values.iter().flatten().copied().collect();
-    let n = finite.len() as f64;
-    let (loss, stderr) = if diverged > 0 || finite.is_empty() {
-        (None, None)
-    } else {
-        let mean = finite.iter().sum::<f64>() / n;
-        let stderr =
-            (finite.len() > 1).then(|| (finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt());
-        (Some(mean), stderr)
-    };
-    LrPoint { lr_log2, loss, stderr, seeds: cell.len(), diverged }
+    let values: Vec<Option<f64>> = cell.iter().map(|r| r.metric(metric)).collect();
+    LrPoint::from_seeds(lr_log2, &values)
 }
 
 fn fmt_opt(x: Option<f64>, digits: usize) -> String {
@@ -989,18 +978,23 @@ pub fn three_point_drift(p: &PresetAnalysis) -> Option<Drift> {
     analysis::drift(&optima)
 }
 
+/// Resamples of the seed bootstrap in the transfer table (a few milliseconds per row).
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
 /// HP transfer across several sweeps (one per axis, or one per (axis, preset)): one row per (axis, preset)
 /// with the optimum log2 LR of every size, the drift across the axis, and whether the drift stays within
 /// `tolerance` log2 units (the acceptance for MoE-CompleteP is 0.5): `yes` when the drift plus one standard
 /// deviation is within it, `no` when the drift minus one standard deviation exceeds it, `undecided`
 /// otherwise or when an optimum is missing or sits on the edge of the grid; `undecided (fit window)` when
-/// [`three_point_drift`] puts the drift on the other side of `tolerance`.
+/// [`three_point_drift`] puts the drift on the other side of `tolerance`. A further column gives the
+/// [`analysis::bootstrap_drift`] over seeds: percentiles of the drift and the share of resamples within
+/// `tolerance` (`n/a` with one seed).
 pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | runs (diverged) / grid | run wall time |\n"
+        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | seed bootstrap: drift 16 / 50 / 84%, share within {tolerance} | runs (diverged) / grid | run wall time |\n"
     ));
-    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |\n");
+    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |\n");
     for (name, sum) in summaries {
         for p in &sum.presets {
             let optima: Vec<String> = p
@@ -1050,8 +1044,24 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                 sum.runs.iter().filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale).collect();
             let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
             let grid = sum.grid_points / sum.presets.len().max(1);
+            let seed_runs: Vec<SeedRun> = runs
+                .iter()
+                .map(|r| SeedRun {
+                    size: r.point.size,
+                    lr_log2: r.point.lr_log2,
+                    seed: r.point.seed,
+                    loss: r.metric(sum.metric),
+                })
+                .collect();
+            let boot = match analysis::bootstrap_drift(&seed_runs, sum.window, tolerance, BOOTSTRAP_RESAMPLES, 0) {
+                Some(b) => format!(
+                    "{:.2} / {:.2} / {:.2}, {:.2} ({} seeds)",
+                    b.range[0], b.range[1], b.range[2], b.within, b.seeds
+                ),
+                None => "n/a".into(),
+            };
             s.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {} ({diverged}) / {grid} | {:.0} s |\n",
+                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {boot} | {} ({diverged}) / {grid} | {:.0} s |\n",
                 sum.axis.name(),
                 p.label(),
                 sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
@@ -1330,6 +1340,8 @@ mod tests {
         let r = row("expert_hidden", "sp");
         assert!(r[6].starts_with("1.00") && r[7].starts_with("-0.50") && r[8] == "1.00" && r[9] == "no", "{md}");
         assert!(row("width", "sp")[5].contains("128: -7.00"), "{md}");
+        // Column 10, the seed bootstrap, needs two seeds; these sweeps have one.
+        assert_eq!(row("width", "sp")[10], "n/a", "{md}");
         for f in ["transfer_lr_curves.png", "transfer_lr_curves.svg", "transfer_drift.png"] {
             assert!(out.join(f).is_file(), "{f}");
         }

@@ -1,9 +1,14 @@
 //! Analysis of learning-rate sweeps: the optimum log2 LR of each size from a parabola fit of loss against
 //! log2 LR near the best grid point (with an uncertainty from the fit), and the drift of that optimum across
-//! the sizes of one axis, in log2 units. Pure functions on plain numbers, so any result table can be
-//! analysed.
+//! the sizes of one axis, in log2 units, and a seed bootstrap of that drift (seeds are the replicates, so
+//! resampling them shows how much of a drift one more set of seeds could undo). Pure functions on plain
+//! numbers, so any result table can be analysed.
+
+use std::collections::BTreeMap;
 
 use nalgebra::{Matrix3, Vector3};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// Loss of one (size, LR) cell, aggregated over seeds.
@@ -17,6 +22,23 @@ pub struct LrPoint {
     pub stderr: Option<f64>,
     pub seeds: usize,
     pub diverged: usize,
+}
+
+impl LrPoint {
+    /// The cell of one LR from its seeds' losses (`None`: that seed diverged).
+    pub fn from_seeds(lr_log2: f64, values: &[Option<f64>]) -> LrPoint {
+        let finite: Vec<f64> = values.iter().flatten().copied().filter(|v| v.is_finite()).collect();
+        let diverged = values.len() - finite.len();
+        let n = finite.len() as f64;
+        let (loss, stderr) = if diverged > 0 || finite.is_empty() {
+            (None, None)
+        } else {
+            let mean = finite.iter().sum::<f64>() / n;
+            let var = finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            (Some(mean), (finite.len() > 1).then(|| (var / n).sqrt()))
+        };
+        LrPoint { lr_log2, loss, stderr, seeds: values.len(), diverged }
+    }
 }
 
 /// How an optimum was located.
@@ -221,6 +243,112 @@ pub fn drift(optima: &[(usize, Optimum)]) -> Option<Drift> {
     })
 }
 
+/// One finished run of a sweep, as the bootstrap sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeedRun {
+    pub size: usize,
+    pub lr_log2: f64,
+    pub seed: u64,
+    /// The metric; `None` when the run diverged.
+    pub loss: Option<f64>,
+}
+
+/// The distribution of [`drift`] over seed resamples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DriftBootstrap {
+    /// Resamples that gave an optimum at every size.
+    pub resamples: usize,
+    /// Fewest seeds at any size.
+    pub seeds: usize,
+    /// 16th, 50th and 84th percentiles of the range (max - min optimum, log2 units).
+    pub range: [f64; 3],
+    /// 16th, 50th and 84th percentiles of the slope per doubling.
+    pub per_doubling: [f64; 3],
+    pub tolerance: f64,
+    /// Fraction of resamples whose range is within `tolerance`.
+    pub within: f64,
+}
+
+/// Seed bootstrap of the drift: at each size, draws as many seeds as it has, with replacement and
+/// independently of the other sizes; averages the drawn seeds' curves, fits each size's optimum with
+/// [`fit_optimum`] (`window` as in the sweep) and takes the [`drift`]. Repeated `resamples` times with a
+/// fixed generator (`rng_seed`), so a table is reproducible. The spread includes what the delta method of
+/// [`fit_optimum`] cannot see: a seed moving the best grid point, or a flat curve switching between a
+/// parabola and a grid argmin. Resampling sizes independently ignores any correlation of one seed's
+/// optima across sizes (same data order), which if positive makes the intervals wider than they need be.
+/// `None` with fewer than two sizes or fewer than two seeds at some size.
+pub fn bootstrap_drift(
+    runs: &[SeedRun],
+    window: f64,
+    tolerance: f64,
+    resamples: usize,
+    rng_seed: u64,
+) -> Option<DriftBootstrap> {
+    // size -> seed -> (lr, loss)
+    let mut by_size: BTreeMap<usize, BTreeMap<u64, Vec<(f64, Option<f64>)>>> = BTreeMap::new();
+    for r in runs {
+        by_size.entry(r.size).or_default().entry(r.seed).or_default().push((r.lr_log2, r.loss));
+    }
+    let seeds = by_size.values().map(|s| s.len()).min()?;
+    if by_size.len() < 2 || seeds < 2 {
+        return None;
+    }
+    let lrs: BTreeMap<usize, Vec<f64>> = by_size
+        .iter()
+        .map(|(&size, seeds)| {
+            let mut l: Vec<f64> = seeds.values().flatten().map(|p| p.0).collect();
+            l.sort_by(f64::total_cmp);
+            l.dedup();
+            (size, l)
+        })
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
+    let (mut ranges, mut slopes) = (Vec::with_capacity(resamples), Vec::with_capacity(resamples));
+    for _ in 0..resamples {
+        let mut optima = Vec::with_capacity(by_size.len());
+        for (&size, seeds) in &by_size {
+            let pool: Vec<&Vec<(f64, Option<f64>)>> = seeds.values().collect();
+            let drawn: Vec<&Vec<(f64, Option<f64>)>> = (0..pool.len()).map(|_| pool[rng.gen_range(0..pool.len())]).collect();
+            let curve: Vec<LrPoint> = lrs[&size]
+                .iter()
+                .filter_map(|&lr| {
+                    let values: Vec<Option<f64>> =
+                        drawn.iter().filter_map(|runs| runs.iter().find(|p| p.0 == lr).map(|p| p.1)).collect();
+                    (!values.is_empty()).then(|| LrPoint::from_seeds(lr, &values))
+                })
+                .collect();
+            if let Some(o) = fit_optimum(&curve, window) {
+                optima.push((size, o));
+            }
+        }
+        if optima.len() == by_size.len() {
+            if let Some(d) = drift(&optima) {
+                ranges.push(d.range);
+                slopes.push(d.per_doubling);
+            }
+        }
+    }
+    if ranges.is_empty() {
+        return None;
+    }
+    let within = ranges.iter().filter(|&&r| r <= tolerance).count() as f64 / ranges.len() as f64;
+    Some(DriftBootstrap {
+        resamples: ranges.len(),
+        seeds,
+        range: percentiles(&mut ranges),
+        per_doubling: percentiles(&mut slopes),
+        tolerance,
+        within,
+    })
+}
+
+/// 16th, 50th and 84th percentiles (nearest rank) of a non-empty sample.
+fn percentiles(v: &mut [f64]) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+    [at(0.16), at(0.5), at(0.84)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,5 +486,59 @@ mod tests {
         assert!((d.per_doubling_std.unwrap() - 0.1 / 5f64.sqrt()).abs() < 1e-9);
         assert!(d.all_bracketed);
         assert!(drift(&optima[..1]).is_none());
+    }
+
+    /// Runs of a synthetic sweep: loss 1 + 0.03 (x - optimum(size))^2 + per-run noise, seeds 0..seeds.
+    fn synthetic_runs(optimum: impl Fn(usize) -> f64, seeds: u64, noise: f64, rng_seed: u64) -> Vec<SeedRun> {
+        let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
+        let noise = Normal::new(0.0, noise).unwrap();
+        let mut runs = Vec::new();
+        for size in [32, 64, 128, 256] {
+            for seed in 0..seeds {
+                for x in grid(-9.0, -3.0, 0.5) {
+                    let loss = 1.0 + 0.03 * (x - optimum(size)).powi(2) + noise.sample(&mut rng);
+                    runs.push(SeedRun { size, lr_log2: x, seed, loss: Some(loss) });
+                }
+            }
+        }
+        runs
+    }
+
+    #[test]
+    fn seed_bootstrap_tells_a_fixed_optimum_from_a_drifting_one() {
+        let fixed = synthetic_runs(|_| -6.0, 4, 0.003, 1);
+        let b = bootstrap_drift(&fixed, 1.0, 0.5, 400, 0).unwrap();
+        assert_eq!((b.seeds, b.resamples), (4, 400));
+        assert!(b.within > 0.9 && b.range[2] < 0.5, "{b:?}");
+        assert!(b.range[0] <= b.range[1] && b.range[1] <= b.range[2]);
+        assert!(b.per_doubling[0] < 0.0 && b.per_doubling[2] > 0.0, "{b:?}");
+        // The optimum rises by 0.4 per doubling: 1.2 over the axis.
+        let rising = synthetic_runs(|n| -7.0 + 0.4 * ((n / 32) as f64).log2(), 4, 0.003, 2);
+        let b = bootstrap_drift(&rising, 1.0, 0.5, 400, 0).unwrap();
+        assert!(b.within < 0.05 && (b.per_doubling[1] - 0.4).abs() < 0.1, "{b:?}");
+        assert!((b.range[0]..=b.range[2]).contains(&1.2) || (b.range[1] - 1.2).abs() < 0.2, "{b:?}");
+        // Same generator seed, same answer; noise large enough to matter makes the interval wider.
+        assert_eq!(bootstrap_drift(&rising, 1.0, 0.5, 400, 0), Some(b));
+        let noisy = synthetic_runs(|_| -6.0, 4, 0.03, 1);
+        let n = bootstrap_drift(&noisy, 1.0, 0.5, 400, 0).unwrap();
+        let fixed = bootstrap_drift(&fixed, 1.0, 0.5, 400, 0).unwrap();
+        assert!(n.range[2] - n.range[0] > fixed.range[2] - fixed.range[0], "{n:?} {fixed:?}");
+    }
+
+    #[test]
+    fn seed_bootstrap_needs_two_seeds_everywhere_and_honours_divergence() {
+        let mut runs = synthetic_runs(|_| -6.0, 2, 0.003, 3);
+        assert!(bootstrap_drift(&synthetic_runs(|_| -6.0, 1, 0.003, 3), 1.0, 0.5, 50, 0).is_none());
+        // One seed of size 256 diverged at every LR above -6: resamples that draw it put that size's optimum
+        // at its last finite LR (-6, unbracketed) or below, never above.
+        for r in runs.iter_mut().filter(|r| r.size == 256 && r.seed == 1 && r.lr_log2 > -6.0) {
+            r.loss = None;
+        }
+        let b = bootstrap_drift(&runs, 1.0, 0.5, 200, 0).unwrap();
+        assert!(b.range[2] < 0.5, "{b:?}");
+        let p = LrPoint::from_seeds(-5.0, &[Some(1.0), None]);
+        assert_eq!((p.loss, p.diverged, p.seeds), (None, 1, 2));
+        let p = LrPoint::from_seeds(-5.0, &[Some(1.0), Some(3.0)]);
+        assert_eq!((p.loss, p.stderr), (Some(2.0), Some(1.0)));
     }
 }
