@@ -8,9 +8,11 @@
 #
 # Usage (repository root): LIMIT=seconds bash validation/gpu/sweeps.sh NAME:SHARDS [NAME:SHARDS ...]
 #
-# Measured once (H200, 2026-11-26, README.md "Sweeps on the GPU"): 18 shard processes side by side ran
-# 8.6 steps/s each (the width-64 Transformer of the expert_hidden sweeps), so a 3000-step point needs
-# about 350 s; with LIMIT=250 no point finished. Unfinished points restart from scratch on resume.
+# Measured (H200, 2026-11-26, README.md "Sweeps on the GPU"): 18 to 20 shard processes side by side run
+# about 8.5 steps/s each (the width-64 Transformer of the expert_hidden sweeps), so a 3000-step point needs
+# about 350 s: with LIMIT=250 no point finished; with LIMIT=455 and SHARDS equal to the grid size (one
+# point per process; processes whose point is done exit at once) the 20 points of a new seed finished in
+# 354 s. Unfinished points restart from scratch on resume, so give every process one point that fits.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
