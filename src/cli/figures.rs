@@ -460,7 +460,8 @@ fn sweeps_section(sweeps: &[(String, SweepSummary)], results: &Path, report_path
         "LR sweeps of the MoE-Transformer (char-level Shakespeare, Adam) along the four axes, one table row \
          per sweep under `validation/sweeps/results/`. Optimum: vertex of a parabola of the final validation \
          loss in log2 LR near the best grid point, +- one standard deviation; drift in log2 units across the \
-         axis, judged against 0.5. Configs, budgets and findings: [sweeps/REPORT.md](sweeps/REPORT.md).\n\n",
+         axis, judged against 0.5, and again over seed resamples where a sweep has several seeds (the \
+         bootstrap column). Configs, budgets and findings: [sweeps/REPORT.md](sweeps/REPORT.md).\n\n",
     );
     if sweeps.is_empty() {
         s.push_str("No sweep has finished yet (`bash validation/sweeps/run_all.sh`).\n\n");

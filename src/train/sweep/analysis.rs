@@ -284,8 +284,9 @@ pub fn bootstrap_drift(
     resamples: usize,
     rng_seed: u64,
 ) -> Option<DriftBootstrap> {
-    // size -> seed -> (lr, loss)
-    let mut by_size: BTreeMap<usize, BTreeMap<u64, Vec<(f64, Option<f64>)>>> = BTreeMap::new();
+    // One seed's curve at one size: (log2 LR, loss).
+    type Curve = Vec<(f64, Option<f64>)>;
+    let mut by_size: BTreeMap<usize, BTreeMap<u64, Curve>> = BTreeMap::new();
     for r in runs {
         by_size.entry(r.size).or_default().entry(r.seed).or_default().push((r.lr_log2, r.loss));
     }
@@ -307,8 +308,8 @@ pub fn bootstrap_drift(
     for _ in 0..resamples {
         let mut optima = Vec::with_capacity(by_size.len());
         for (&size, seeds) in &by_size {
-            let pool: Vec<&Vec<(f64, Option<f64>)>> = seeds.values().collect();
-            let drawn: Vec<&Vec<(f64, Option<f64>)>> = (0..pool.len()).map(|_| pool[rng.gen_range(0..pool.len())]).collect();
+            let pool: Vec<&Curve> = seeds.values().collect();
+            let drawn: Vec<&Curve> = (0..pool.len()).map(|_| pool[rng.gen_range(0..pool.len())]).collect();
             let curve: Vec<LrPoint> = lrs[&size]
                 .iter()
                 .filter_map(|&lr| {
