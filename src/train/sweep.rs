@@ -64,6 +64,12 @@ pub struct Grid {
     /// empty keeps the base's.
     #[serde(default)]
     pub init_scales: Vec<f64>,
+    /// Groups whose learning rate alone is swept (e.g. `["expert_down"]`): the grid's LR is then written to
+    /// `[param.groups.<name>] lr_scale`, a multiplier of those groups' rates, while every other group keeps
+    /// the base's `[param] lr`. Empty (the default) sweeps the base LR of all groups. A per-group sweep
+    /// asks which group's optimum moves along an axis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_groups: Vec<String>,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -151,6 +157,11 @@ mod keys {
     pub const EXPERT_HIDDEN: &[&str] = &["model", "sizes", "expert_hidden"];
 }
 
+/// Where a per-group LR multiplier goes: `[param.groups.<name>] lr_scale`.
+fn group_lr_scale_key(name: &str) -> [&str; 4] {
+    ["param", "groups", name, "lr_scale"]
+}
+
 fn get<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
     let (last, parents) = path.split_last()?;
     let mut t = table;
@@ -184,6 +195,10 @@ fn base_size(base: &toml::Table, path: &[&str]) -> Result<usize> {
         .ok_or_else(|| Error::invalid(&field, "must be a positive integer"))
 }
 
+fn toml_number(v: &toml::Value) -> Option<f64> {
+    v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
+}
+
 fn to_toml_int(x: usize) -> toml::Value {
     toml::Value::Integer(x as i64)
 }
@@ -198,6 +213,7 @@ impl Grid {
             presets: presets.iter().map(|p| p.to_string()).collect(),
             seeds: default_seeds(),
             init_scales: Vec::new(),
+            lr_groups: Vec::new(),
         }
     }
 }
@@ -244,6 +260,26 @@ impl SweepConfig {
         }
         if g.init_scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(Error::invalid("grid.init_scales", "values must be finite and positive"));
+        }
+        if !g.lr_groups.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = g.lr_groups.iter().find(|n| !seen.insert(n.as_str())) {
+                return Err(Error::invalid("grid.lr_groups", format!("group `{dup}` is listed twice")));
+            }
+            if get(&self.base, keys::LR).is_none() {
+                return Err(Error::invalid(
+                    format!("base.{}", keys::LR.join(".")),
+                    "must be set when grid.lr_groups is: it is the rate of every group the grid does not sweep",
+                ));
+            }
+            for name in &g.lr_groups {
+                if get(&self.base, &group_lr_scale_key(name)).is_some() {
+                    return Err(Error::invalid(
+                        format!("base.param.groups.{name}.lr_scale"),
+                        "is swept by grid.lr_groups; remove it from the base",
+                    ));
+                }
+            }
         }
         if get(&self.base, keys::PARAM_BASE).is_none() {
             return Err(Error::invalid(
@@ -345,7 +381,12 @@ impl SweepConfig {
         let mut t = self.base.clone();
         set(&mut t, keys::SEED, toml::Value::Integer(p.seed as i64))?;
         set(&mut t, keys::PRESET, toml::Value::String(p.preset.clone()))?;
-        set(&mut t, keys::LR, toml::Value::Float(p.lr()))?;
+        if self.grid.lr_groups.is_empty() {
+            set(&mut t, keys::LR, toml::Value::Float(p.lr()))?;
+        }
+        for name in &self.grid.lr_groups {
+            set(&mut t, &group_lr_scale_key(name), toml::Value::Float(p.lr()))?;
+        }
         if let Some(s) = p.init_scale {
             set(&mut t, keys::INIT_SCALE, toml::Value::Float(s))?;
         }
@@ -593,6 +634,18 @@ fn check_manifest(cfg: &SweepConfig, out: &Path) -> Result<()> {
                 ),
             ));
         }
+        // Point ids do not name the swept groups, so records of another group's sweep would pass as ours.
+        if old.grid.lr_groups != cfg.grid.lr_groups {
+            return Err(Error::invalid(
+                "grid.lr_groups",
+                format!(
+                    "{} holds results of a sweep of the LR of {:?} (see {}); use a new --out",
+                    out.display(),
+                    old.grid.lr_groups,
+                    path.display()
+                ),
+            ));
+        }
         if old == *cfg {
             return Ok(());
         }
@@ -800,6 +853,12 @@ pub struct SweepSummary {
     pub wall_s: f64,
     /// Records of the current grid's points, in grid order.
     pub runs: Vec<RunRecord>,
+    /// The groups whose LR alone was swept ([`Grid::lr_groups`]; empty: the base LR of all groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_groups: Vec<String>,
+    /// With `lr_groups`: the base LR every other group kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_lr: Option<f64>,
 }
 
 /// Aggregates the records of `cfg`'s grid found under `out` (records of points no longer in the grid
@@ -855,6 +914,8 @@ pub fn summarize(cfg: &SweepConfig, out: &Path) -> Result<SweepSummary> {
         tokens_per_run: runs.iter().filter(|r| r.outcome.status == RunStatus::Ok).find_map(|r| r.outcome.tokens),
         wall_s: runs.iter().map(|r| r.wall_s).sum(),
         runs,
+        lr_groups: g.lr_groups.clone(),
+        base_lr: if g.lr_groups.is_empty() { None } else { get(&cfg.base, keys::LR).and_then(toml_number) },
     })
 }
 
@@ -868,13 +929,41 @@ fn fmt_opt(x: Option<f64>, digits: usize) -> String {
 }
 
 impl SweepSummary {
+    /// What the LR axis is: `log2 LR`, or `log2 LR scale of <groups>` for a per-group sweep.
+    pub fn lr_name(&self) -> String {
+        if self.lr_groups.is_empty() {
+            "log2 LR".into()
+        } else {
+            format!("log2 LR scale of {}", self.lr_groups.join(", "))
+        }
+    }
+
+    /// A preset's label in tables and legends, naming the swept groups of a per-group sweep.
+    pub fn preset_label(&self, p: &PresetAnalysis) -> String {
+        if self.lr_groups.is_empty() {
+            p.label()
+        } else {
+            format!("{} (LR of {})", p.label(), self.lr_groups.join(", "))
+        }
+    }
+
     /// The summary as a Markdown report: optimum per size, drift per preset, and the loss table.
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let axis = self.axis.name();
         s.push_str(&format!("# LR sweep along `{axis}` ({})\n\n", self.metric.name()));
+        if !self.lr_groups.is_empty() {
+            s.push_str(&format!(
+                "Only the learning rate of {} is swept: the grid's LR multiplies its rate as the preset scales \
+                 it (`lr_scale`), and every other group keeps the base LR {}. Optimum and drift below are of \
+                 that multiplier.\n\n",
+                self.lr_groups.iter().map(|g| format!("`{g}`")).collect::<Vec<_>>().join(", "),
+                self.base_lr.map_or_else(|| "of the base config".into(), |lr| format!("2^{:.3}", lr.log2()))
+            ));
+        }
+        let lr_name = self.lr_name();
         s.push_str(&format!(
-            "{} of {} grid points done ({} diverged, {} missing). Optimum: vertex of a parabola in log2 LR \
+            "{} of {} grid points done ({} diverged, {} missing). Optimum: vertex of a parabola in {lr_name} \
              fitted within +-{} log2 of the best grid point; +- is one standard deviation (n/a: exact \
              3-point fit or optimum on the grid edge).\n\n",
             self.done,
@@ -885,7 +974,7 @@ impl SweepSummary {
         ));
         s.push_str("## Optimum LR per size\n\n");
         s.push_str(&format!(
-            "| preset | {axis} | optimum log2 LR | +- | method | bracketed | {} at optimum |\n",
+            "| preset | {axis} | optimum {lr_name} | +- | method | bracketed | {} at optimum |\n",
             self.metric.name()
         ));
         s.push_str("| --- | ---: | ---: | ---: | --- | --- | ---: |\n");
@@ -894,7 +983,7 @@ impl SweepSummary {
                 match &z.optimum {
                     Some(o) => s.push_str(&format!(
                         "| {} | {} | {:.3} | {} | {} | {} | {:.4} |\n",
-                        p.label(),
+                        self.preset_label(p),
                         z.size,
                         o.lr_log2,
                         fmt_opt(o.std, 3),
@@ -905,7 +994,11 @@ impl SweepSummary {
                         if o.bracketed { "yes" } else { "no" },
                         o.loss
                     )),
-                    None => s.push_str(&format!("| {} | {} | n/a | | no finite run | | |\n", p.label(), z.size)),
+                    None => s.push_str(&format!(
+                        "| {} | {} | n/a | | no finite run | | |\n",
+                        self.preset_label(p),
+                        z.size
+                    )),
                 }
             }
         }
@@ -916,7 +1009,7 @@ impl SweepSummary {
             match &p.drift {
                 Some(d) => s.push_str(&format!(
                     "| {} | {} | {:.1} | {:.3} | {} | {:+.3} | {} | {} | {:.1} s |\n",
-                    p.label(),
+                    self.preset_label(p),
                     d.sizes,
                     d.doublings,
                     d.range,
@@ -926,10 +1019,10 @@ impl SweepSummary {
                     if d.all_bracketed { "yes" } else { "no" },
                     p.wall_s
                 )),
-                None => s.push_str(&format!("| {} | <2 | | n/a | | | | | {:.1} s |\n", p.label(), p.wall_s)),
+                None => s.push_str(&format!("| {} | <2 | | n/a | | | | | {:.1} s |\n", self.preset_label(p), p.wall_s)),
             }
         }
-        s.push_str(&format!("\n## {} per (size, log2 LR)\n\n", self.metric.name()));
+        s.push_str(&format!("\n## {} per (size, {lr_name})\n\n", self.metric.name()));
         s.push_str("Mean over seeds; `div`: at least one seed diverged; blank: not run yet.\n\n");
         let mut lrs: Vec<f64> =
             self.presets.iter().flat_map(|p| p.sizes.iter().flat_map(|z| z.curve.iter().map(|c| c.lr_log2))).collect();
@@ -944,7 +1037,7 @@ impl SweepSummary {
         s.push('\n');
         for p in &self.presets {
             for z in &p.sizes {
-                s.push_str(&format!("| {} | {} |", p.label(), z.size));
+                s.push_str(&format!("| {} | {} |", self.preset_label(p), z.size));
                 for lr in &lrs {
                     let cell = z.curve.iter().find(|c| c.lr_log2 == *lr);
                     let text = match cell {
@@ -1063,7 +1156,7 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
             s.push_str(&format!(
                 "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {boot} | {} ({diverged}) / {grid} | {:.0} s |\n",
                 sum.axis.name(),
-                p.label(),
+                sum.preset_label(p),
                 sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
                 optima.join("; "),
                 runs.len(),
@@ -1309,6 +1402,62 @@ mod tests {
         let e = run_sweep(&other, dir.path(), Shard::default(), &synthetic, false).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("different [base]"));
+    }
+
+    #[test]
+    fn a_per_group_lr_sweep_moves_only_that_groups_rate() {
+        // A base the trainer accepts (the other tests' runners never parse it).
+        let mut cfg = config("lr_groups = [\"expert_down\"]");
+        let extra: toml::Table = toml::from_str(
+            "model = { arch = \"transformer\", vocab = 16, seq_len = 8, n_head = 2 }\n\
+             optim = { batch_size = 4 }\n\
+             data = { kind = \"markov\", vocab_size = 16, branching = 3, length = 4000 }",
+        )
+        .unwrap();
+        for (section, fields) in extra {
+            let t = cfg.base.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            t.as_table_mut().unwrap().extend(fields.as_table().unwrap().clone());
+        }
+        let pts = cfg.points().unwrap();
+        let at = |lr: f64| pts.iter().find(|p| p.size == 64 && p.lr_log2 == lr && p.preset == "moe-completep").unwrap();
+        let t = cfg.point_config(at(-7.0)).unwrap();
+        assert_eq!(get(&t, keys::LR).unwrap().as_float(), Some(0.001), "the base LR stays");
+        assert_eq!(get(&t, &group_lr_scale_key("expert_down")).unwrap().as_float(), Some(2f64.powi(-7)));
+        // One step up the grid doubles expert_down's resolved rate and leaves every other group's alone.
+        let (lo, hi) = (cfg.point_param_table(at(-7.0)).unwrap(), cfg.point_param_table(at(-6.0)).unwrap());
+        for (a, b) in lo.groups.iter().zip(&hi.groups) {
+            let want = if a.name == "expert_down" { 2.0 } else { 1.0 };
+            assert!((b.lr / a.lr - want).abs() < 1e-12, "{}: {} -> {}", a.name, a.lr, b.lr);
+        }
+
+        let mut typo = cfg.clone();
+        typo.grid.lr_groups = vec!["expert_dwon".into()];
+        let e = typo.point_param_table(at(-7.0)).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("expert_dwon"), "{e}");
+        let mut twice = cfg.clone();
+        twice.grid.lr_groups = vec!["router".into(), "router".into()];
+        assert!(twice.validate().unwrap_err().to_string().contains("grid.lr_groups"));
+        let mut no_lr = cfg.clone();
+        no_lr.base.get_mut("param").unwrap().as_table_mut().unwrap().remove("lr");
+        assert!(no_lr.validate().unwrap_err().to_string().contains("base.param.lr"));
+
+        // Records of one group's sweep must not pass for another's: the ids do not name the groups.
+        let dir = tempfile::tempdir().unwrap();
+        run_sweep(&cfg, dir.path(), Shard::default(), &synthetic, false).unwrap();
+        let sum = summarize(&cfg, dir.path()).unwrap();
+        assert_eq!(sum.base_lr, Some(0.001));
+        let md = sum.markdown();
+        assert!(md.contains("Only the learning rate of `expert_down`"), "{md}");
+        assert!(md.contains("optimum log2 LR scale of expert_down"), "{md}");
+        assert!(transfer_markdown(&[("g".into(), sum)], 0.5).contains("moe-completep (LR of expert_down)"));
+        let mut other = cfg.clone();
+        other.grid.lr_groups = vec!["expert_up".into()];
+        let e = run_sweep(&other, dir.path(), Shard::default(), &synthetic, false).unwrap_err();
+        assert!(e.to_string().contains("grid.lr_groups"), "{e}");
+        let mut all = cfg.clone();
+        all.grid.lr_groups.clear();
+        assert!(run_sweep(&all, dir.path(), Shard::default(), &synthetic, false).is_err());
     }
 
     #[test]

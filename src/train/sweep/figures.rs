@@ -18,7 +18,8 @@ pub fn lr_curve_panels(summary: &SweepSummary) -> Vec<Panel> {
         .presets
         .iter()
         .map(|p| {
-            let mut panel = Panel::new(format!("{axis}: {}", p.label()), "log2 LR", summary.metric.name());
+            let title = format!("{axis}: {}", summary.preset_label(p));
+            let mut panel = Panel::new(title, summary.lr_name(), summary.metric.name());
             for z in &p.sizes {
                 let pts: Vec<(f64, f64, f64)> =
                     z.curve.iter().filter_map(|c| c.loss.map(|l| (c.lr_log2, l, c.stderr.unwrap_or(0.0)))).collect();
@@ -53,7 +54,7 @@ pub fn drift_panels(summaries: &[(&SweepSummary, Option<&str>)]) -> Vec<Panel> {
                         .filter_map(|z| z.optimum.map(|o| ((z.size as f64).log2(), o.lr_log2, o.std.unwrap_or(0.0))))
                         .collect();
                     if !pts.is_empty() {
-                        panel = panel.with(Series::new(label.map_or_else(|| p.label(), str::to_string), pts));
+                        panel = panel.with(Series::new(label.map_or_else(|| s.preset_label(p), str::to_string), pts));
                     }
                 }
             }
