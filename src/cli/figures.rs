@@ -461,7 +461,9 @@ fn sweeps_section(sweeps: &[(String, SweepSummary)], results: &Path, report_path
          per sweep under `validation/sweeps/results/`. Optimum: vertex of a parabola of the final validation \
          loss in log2 LR near the best grid point, +- one standard deviation; drift in log2 units across the \
          axis, judged against 0.5, and again over seed resamples where a sweep has several seeds (the \
-         bootstrap column). Configs, budgets and findings: [sweeps/REPORT.md](sweeps/REPORT.md).\n\n",
+         bootstrap column). A preset labelled `(LR of <group>)` is a per-group sweep: only that group's rate \
+         moves (a multiplier on top of the preset's scaling), so its drift says which group's optimum moves \
+         along the axis. Configs, budgets and findings: [sweeps/REPORT.md](sweeps/REPORT.md).\n\n",
     );
     if sweeps.is_empty() {
         s.push_str("No sweep has finished yet (`bash validation/sweeps/run_all.sh`).\n\n");
