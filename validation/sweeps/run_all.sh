@@ -56,3 +56,14 @@ if [ $# -eq 0 ]; then
 fi
 "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
 cat validation/sweeps/results/transfer/transfer.md
+# Per-group LR sweeps along expert_hidden (which group's optimum moves?), collected on their own: their
+# drift is of one group's LR multiplier, not of the base LR the transfer table is about.
+if [ $# -eq 0 ]; then
+  groups=()
+  for g in expert_down expert_up; do
+    "$bin" sweep --config "validation/sweeps/expert_hidden_$g.toml" --out "validation/sweeps/results/expert_hidden_$g" --resume
+    groups+=("validation/sweeps/results/expert_hidden_$g")
+  done
+  "$bin" sweep --collect "${groups[@]}" --out validation/sweeps/results/groups
+  cat validation/sweeps/results/groups/transfer.md
+fi
