@@ -66,4 +66,7 @@ if [ $# -eq 0 ]; then
   done
   "$bin" sweep --collect "${groups[@]}" --out validation/sweeps/results/groups
   cat validation/sweeps/results/groups/transfer.md
+  # The base LR again with expert_down's rate tuned at the base (lr_scale 2^2.5, from the sweep above).
+  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_tuned.toml \
+    --out validation/sweeps/results/expert_hidden_moe-completep_tuned --resume
 fi
