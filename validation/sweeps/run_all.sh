@@ -69,4 +69,6 @@ if [ $# -eq 0 ]; then
   # The base LR again with expert_down's rate tuned at the base (lr_scale 2^2.5, from the sweep above).
   "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_tuned.toml \
     --out validation/sweeps/results/expert_hidden_moe-completep_tuned --resume
+  dirs+=(validation/sweeps/results/expert_hidden_moe-completep_tuned)
+  "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
 fi
