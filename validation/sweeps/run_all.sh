@@ -60,7 +60,7 @@ cat validation/sweeps/results/transfer/transfer.md
 # drift is of one group's LR multiplier, not of the base LR the transfer table is about.
 if [ $# -eq 0 ]; then
   groups=()
-  for g in expert_down expert_up; do
+  for g in expert_down expert_up attention; do
     "$bin" sweep --config "validation/sweeps/expert_hidden_$g.toml" --out "validation/sweeps/results/expert_hidden_$g" --resume
     groups+=("validation/sweeps/results/expert_hidden_$g")
   done
