@@ -1085,9 +1085,9 @@ pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | seed bootstrap: drift 16 / 50 / 84%, share within {tolerance} | runs (diverged) / grid | run wall time |\n"
+        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | seed bootstrap: drift 16 / 50 / 84%, share within {tolerance} | cost: loss at the largest size at the smallest's optimum minus its best (bootstrap 16 / 50 / 84%) | runs (diverged) / grid | run wall time |\n"
     ));
-    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |\n");
+    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |\n");
     for (name, sum) in summaries {
         for p in &sum.presets {
             let optima: Vec<String> = p
@@ -1146,15 +1146,17 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                     loss: r.metric(sum.metric),
                 })
                 .collect();
-            let boot = match analysis::bootstrap_drift(&seed_runs, sum.window, tolerance, BOOTSTRAP_RESAMPLES, 0) {
+            let bootstrap = analysis::bootstrap_drift(&seed_runs, sum.window, tolerance, BOOTSTRAP_RESAMPLES, 0);
+            let boot = match &bootstrap {
                 Some(b) => format!(
                     "{:.2} / {:.2} / {:.2}, {:.2} ({} seeds)",
                     b.range[0], b.range[1], b.range[2], b.within, b.seeds
                 ),
                 None => "n/a".into(),
             };
+            let cost = transfer_cost_cell(p, sum.window, bootstrap.and_then(|b| b.cost));
             s.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {boot} | {} ({diverged}) / {grid} | {:.0} s |\n",
+                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {boot} | {cost} | {} ({diverged}) / {grid} | {:.0} s |\n",
                 sum.axis.name(),
                 sum.preset_label(p),
                 sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
@@ -1165,6 +1167,27 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
         }
     }
     s
+}
+
+/// The transfer table's cost cell: [`analysis::transfer_cost`] from the smallest size to the largest, then
+/// the seed bootstrap's 16 / 50 / 84% of it when there are seeds to resample; `~` marks a cost interpolated
+/// between grid points (an upper bound), `n/a` a missing or edge optimum at either end or a source optimum
+/// off the largest size's grid.
+fn transfer_cost_cell(p: &PresetAnalysis, window: f64, bootstrap: Option<[f64; 3]>) -> String {
+    let ends = p.sizes.iter().min_by_key(|z| z.size).zip(p.sizes.iter().max_by_key(|z| z.size));
+    let cost = ends.filter(|(a, b)| a.size < b.size).and_then(|(small, large)| {
+        let (from, to) = (small.optimum.filter(|o| o.bracketed)?, large.optimum.filter(|o| o.bracketed)?);
+        analysis::transfer_cost(&from, &large.curve, &to, window)
+    });
+    match cost {
+        Some(c) => format!(
+            "{}{:.4}{}",
+            if c.method == analysis::FitMethod::Parabola { "" } else { "~" },
+            c.cost,
+            bootstrap.map_or_else(String::new, |b| format!(" ({:.4} / {:.4} / {:.4})", b[0], b[1], b[2]))
+        ),
+        None => "n/a".into(),
+    }
 }
 
 /// Reads the `summary.json` of each sweep folder in `dirs`, writes `<out>/transfer.md` (the table of
@@ -1491,6 +1514,9 @@ mod tests {
         assert!(row("width", "sp")[5].contains("128: -7.00"), "{md}");
         // Column 10, the seed bootstrap, needs two seeds; these sweeps have one.
         assert_eq!(row("width", "sp")[10], "n/a", "{md}");
+        // Column 11: what the drift costs. sp at 128 trained at 32's optimum, one log2 unit off: 0.05 x 1^2.
+        assert_eq!(row("expert_hidden", "sp")[11], "0.0500", "{md}");
+        assert_eq!(row("width", "moe-completep")[11], "0.0000", "{md}");
         for f in ["transfer_lr_curves.png", "transfer_lr_curves.svg", "transfer_drift.png"] {
             assert!(out.join(f).is_file(), "{f}");
         }

@@ -243,6 +243,52 @@ pub fn drift(optima: &[(usize, Optimum)]) -> Option<Drift> {
     })
 }
 
+/// What a drift costs in loss: the target size trained at the source size's optimum LR instead of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TransferCost {
+    /// The source's optimum, where the target is evaluated (log2 LR).
+    pub lr_log2: f64,
+    /// Target loss at `lr_log2` minus the target's loss at its own optimum (>= 0 up to noise).
+    pub cost: f64,
+    /// `Parabola`: read off the target's fitted parabola; `GridArgmin`: interpolated linearly between the
+    /// target's grid points (the source optimum lies outside the fit window, or the target has no parabola).
+    pub method: FitMethod,
+}
+
+/// The loss lost by transferring `source`'s optimum LR to the size with LR curve `target_curve` and optimum
+/// `target`: the muTransfer question asked of the loss rather than of the LR. A drift inside a flat basin
+/// costs nothing; the same drift next to a cliff costs a lot. Inside the fit window (`window` log2 units of
+/// the target optimum) the cost is c (x - x*)^2 from the target's parabola; elsewhere the target curve is
+/// interpolated linearly in log2 LR (a chord of a convex curve: an upper bound between grid points).
+/// `None` when the source optimum is off the target's grid or next to a diverged LR.
+pub fn transfer_cost(
+    source: &Optimum,
+    target_curve: &[LrPoint],
+    target: &Optimum,
+    window: f64,
+) -> Option<TransferCost> {
+    let x = source.lr_log2;
+    let mut points: Vec<&LrPoint> = target_curve.iter().collect();
+    points.sort_by(|a, b| a.lr_log2.total_cmp(&b.lr_log2));
+    if let (FitMethod::Parabola, Some(c)) = (target.method, target.curvature) {
+        if (x - target.lr_log2).abs() <= window {
+            let cost = c * (x - target.lr_log2).powi(2);
+            return Some(TransferCost { lr_log2: x, cost, method: FitMethod::Parabola });
+        }
+    }
+    let hi = points.iter().position(|p| p.lr_log2 >= x - 1e-12)?;
+    let loss_at = |i: usize| points[i].loss.filter(|l| l.is_finite());
+    let value = if (points[hi].lr_log2 - x).abs() <= 1e-12 {
+        loss_at(hi)?
+    } else {
+        let lo = hi.checked_sub(1)?;
+        let (a, b) = (points[lo], points[hi]);
+        let t = (x - a.lr_log2) / (b.lr_log2 - a.lr_log2);
+        loss_at(lo)? * (1.0 - t) + loss_at(hi)? * t
+    };
+    Some(TransferCost { lr_log2: x, cost: value - target.loss, method: FitMethod::GridArgmin })
+}
+
 /// One finished run of a sweep, as the bootstrap sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SeedRun {
@@ -267,6 +313,12 @@ pub struct DriftBootstrap {
     pub tolerance: f64,
     /// Fraction of resamples whose range is within `tolerance`.
     pub within: f64,
+    /// 16th, 50th and 84th percentiles of the [`transfer_cost`] from the smallest size to the largest, over
+    /// the resamples where both optima are bracketed and the cost is defined (`None` if none is). Each
+    /// resample's cost is a difference within one averaged curve, so a seed that shifts its whole curve
+    /// does not count as noise, as it would in a standard error of the points.
+    #[serde(default)]
+    pub cost: Option<[f64; 3]>,
 }
 
 /// Seed bootstrap of the drift: at each size, draws as many seeds as it has, with replacement and
@@ -305,8 +357,10 @@ pub fn bootstrap_drift(
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
     let (mut ranges, mut slopes) = (Vec::with_capacity(resamples), Vec::with_capacity(resamples));
+    let mut costs = Vec::with_capacity(resamples);
     for _ in 0..resamples {
         let mut optima = Vec::with_capacity(by_size.len());
+        let mut ends: Vec<(Vec<LrPoint>, Optimum)> = Vec::with_capacity(2);
         for (&size, seeds) in &by_size {
             let pool: Vec<&Curve> = seeds.values().collect();
             let drawn: Vec<&Curve> = (0..pool.len()).map(|_| pool[rng.gen_range(0..pool.len())]).collect();
@@ -320,7 +374,14 @@ pub fn bootstrap_drift(
                 .collect();
             if let Some(o) = fit_optimum(&curve, window) {
                 optima.push((size, o));
+                let end = Some(size) == by_size.keys().next().copied() || Some(size) == by_size.keys().last().copied();
+                if end && o.bracketed {
+                    ends.push((curve, o));
+                }
             }
+        }
+        if let [(_, from), (to_curve, to)] = ends.as_slice() {
+            costs.extend(transfer_cost(from, to_curve, to, window).map(|c| c.cost));
         }
         if optima.len() == by_size.len() {
             if let Some(d) = drift(&optima) {
@@ -340,6 +401,7 @@ pub fn bootstrap_drift(
         per_doubling: percentiles(&mut slopes),
         tolerance,
         within,
+        cost: (!costs.is_empty()).then(|| percentiles(&mut costs)),
     })
 }
 
@@ -490,6 +552,25 @@ mod tests {
     }
 
     /// Runs of a synthetic sweep: loss 1 + 0.03 (x - optimum(size))^2 + per-run noise, seeds 0..seeds.
+    #[test]
+    fn transfer_cost_reads_the_target_parabola_and_interpolates_outside_it() {
+        let xs = grid(-10.0, -2.0, 1.0);
+        let target = curve(|x| 0.1 * (x + 6.0).powi(2) + 1.0, &xs);
+        let t_opt = fit_optimum(&target, 2.0).unwrap();
+        let source = |x: f64| Optimum { lr_log2: x, ..t_opt };
+        // Inside the window: exactly c d^2.
+        let c = transfer_cost(&source(-7.5), &target, &t_opt, 2.0).unwrap();
+        assert!((c.cost - 0.1 * 1.5f64.powi(2)).abs() < 1e-9 && c.method == FitMethod::Parabola, "{c:?}");
+        // Outside: the chord between -9 and -8, above the curve.
+        let c = transfer_cost(&source(-8.5), &target, &t_opt, 2.0).unwrap();
+        assert!((c.cost - 0.1 * (9.0 + 4.0) / 2.0).abs() < 1e-9 && c.method == FitMethod::GridArgmin, "{c:?}");
+        // Off the grid, or next to a diverged LR: no answer.
+        assert!(transfer_cost(&source(-11.0), &target, &t_opt, 2.0).is_none());
+        let mut broken = target.clone();
+        broken[0].loss = None;
+        assert!(transfer_cost(&source(-9.5), &broken, &t_opt, 2.0).is_none());
+    }
+
     fn synthetic_runs(optimum: impl Fn(usize) -> f64, seeds: u64, noise: f64, rng_seed: u64) -> Vec<SeedRun> {
         let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
         let noise = Normal::new(0.0, noise).unwrap();
@@ -513,10 +594,20 @@ mod tests {
         assert!(b.within > 0.9 && b.range[2] < 0.5, "{b:?}");
         assert!(b.range[0] <= b.range[1] && b.range[1] <= b.range[2]);
         assert!(b.per_doubling[0] < 0.0 && b.per_doubling[2] > 0.0, "{b:?}");
-        // The optimum rises by 0.4 per doubling: 1.2 over the axis.
+        assert!(b.cost.is_some_and(|c| c[2] < 0.003), "{b:?}");
+        // The optimum rises by 0.4 per doubling: 1.2 over the axis, which costs 0.03 x 1.2^2 at size 256.
         let rising = synthetic_runs(|n| -7.0 + 0.4 * ((n / 32) as f64).log2(), 4, 0.003, 2);
         let b = bootstrap_drift(&rising, 1.0, 0.5, 400, 0).unwrap();
         assert!(b.within < 0.05 && (b.per_doubling[1] - 0.4).abs() < 0.1, "{b:?}");
+        assert!(b.cost.is_some_and(|c| (c[1] - 0.0432).abs() < 0.01), "{b:?}");
+        // A seed that shifts its whole curve (a better or worse initialization) moves no optimum and costs
+        // nothing, however large the shift.
+        let shifted: Vec<SeedRun> = fixed
+            .iter()
+            .map(|r| SeedRun { loss: r.loss.map(|l| l + 0.05 * r.seed as f64), ..*r })
+            .collect();
+        let s = bootstrap_drift(&shifted, 1.0, 0.5, 400, 0).unwrap();
+        assert!(s.cost.is_some_and(|c| c[2] < 0.003) && s.within > 0.9, "{s:?}");
         assert!((b.range[0]..=b.range[2]).contains(&1.2) || (b.range[1] - 1.2).abs() < 0.2, "{b:?}");
         // Same generator seed, same answer; noise large enough to matter makes the interval wider.
         assert_eq!(bootstrap_drift(&rising, 1.0, 0.5, 400, 0), Some(b));
