@@ -60,7 +60,7 @@ cat validation/sweeps/results/transfer/transfer.md
 # drift is of one group's LR multiplier, not of the base LR the transfer table is about.
 if [ $# -eq 0 ]; then
   groups=()
-  for g in expert_down expert_up attention; do
+  for g in expert_down expert_up attention rest; do
     "$bin" sweep --config "validation/sweeps/expert_hidden_$g.toml" --out "validation/sweeps/results/expert_hidden_$g" --resume
     groups+=("validation/sweeps/results/expert_hidden_$g")
   done
@@ -70,5 +70,9 @@ if [ $# -eq 0 ]; then
   "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_tuned.toml \
     --out validation/sweeps/results/expert_hidden_moe-completep_tuned --resume
   dirs+=(validation/sweeps/results/expert_hidden_moe-completep_tuned)
+  # ... and with every group's rate tuned at the base (attention 2^-0.9, expert_down 2^2.5, the rest 2^1).
+  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_pergroup.toml \
+    --out validation/sweeps/results/expert_hidden_moe-completep_pergroup --resume
+  dirs+=(validation/sweeps/results/expert_hidden_moe-completep_pergroup)
   "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
 fi
