@@ -74,5 +74,13 @@ if [ $# -eq 0 ]; then
   "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_pergroup.toml \
     --out validation/sweeps/results/expert_hidden_moe-completep_pergroup --resume
   dirs+=(validation/sweeps/results/expert_hidden_moe-completep_pergroup)
+  # Its n = 64 and 128, two seeds, reusing the n = 32 and 256 runs of seeds 0 and 1.
+  axis=validation/sweeps/results/expert_hidden_moe-completep_pergroup_axis
+  mkdir -p "$axis/runs"
+  for run in validation/sweeps/results/expert_hidden_moe-completep_pergroup/runs/*-lr-00{7.5,7.0,6.5,6.0,5.5}00-s[01]; do
+    [ -e "$axis/runs/$(basename "$run")" ] || cp -r "$run" "$axis/runs/"
+  done
+  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_pergroup_axis.toml --out "$axis" --resume
+  dirs+=("$axis")
   "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
 fi
