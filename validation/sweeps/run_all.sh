@@ -32,33 +32,33 @@ for axis in "${axes[@]}"; do
     dirs+=("validation/sweeps/results/$name")
   done
 done
-# Follow-ups (see the configs' headers): the depth shift L = 2 -> 4 with three seeds on half-step LRs, and
-# the expert-hidden and experts basins on half-step LRs (reusing the main sweeps' integer-LR runs, which a
-# rerun reproduces bit for bit).
-fine_followup() {  # fine_followup SWEEP LR...: copy SWEEP's integer-LR runs in, then run SWEEP_fine
-  local main=validation/sweeps/results/$1 fine=validation/sweeps/results/$1_fine lr run
-  mkdir -p "$fine/runs"
-  for lr in "${@:2}"; do
-    for run in "$main"/runs/*-lr-$lr.000-s0; do
-      [ -e "$fine/runs/$(basename "$run")" ] || cp -r "$run" "$fine/runs/"
+# Follow-ups (see the configs' headers): the depth shift L = 2 -> 4 with three seeds on half-step LRs, the
+# expert-hidden and experts basins on half-step LRs, and along expert_hidden the per-group LR sweeps and the
+# base LR with tuned group multipliers. Some reuse runs of an earlier sweep (same point ids and configs, so
+# a rerun would reproduce them bit for bit).
+reuse_runs() {  # reuse_runs FROM TO GLOB...: copy FROM's runs matching each GLOB into TO (missing ones only)
+  local from=validation/sweeps/results/$1/runs to=validation/sweeps/results/$2/runs pattern run
+  mkdir -p "$to"
+  for pattern in "${@:3}"; do
+    for run in "$from"/$pattern; do
+      [ -e "$to/$(basename "$run")" ] || cp -r "$run" "$to/"
     done
   done
-  "$bin" sweep --config "validation/sweeps/$1_fine.toml" --out "$fine" --resume
-  dirs+=("$fine")
+}
+followup() {  # followup SWEEP: run validation/sweeps/SWEEP.toml and add it to the transfer table
+  "$bin" sweep --config "validation/sweeps/$1.toml" --out "validation/sweeps/results/$1" --resume
+  dirs+=("validation/sweeps/results/$1")
 }
 if [ $# -eq 0 ]; then
-  "$bin" sweep --config validation/sweeps/depth_moe-completep_seeds.toml \
-    --out validation/sweeps/results/depth_moe-completep_seeds --resume
-  dirs+=(validation/sweeps/results/depth_moe-completep_seeds)
-  fine_followup expert_hidden_moe-completep 007 006 005
-  fine_followup expert_hidden_mup 007 006 005
-  fine_followup experts_moe-completep 008 007 006 005
-fi
-"$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
-cat validation/sweeps/results/transfer/transfer.md
-# Per-group LR sweeps along expert_hidden (which group's optimum moves?), collected on their own: their
-# drift is of one group's LR multiplier, not of the base LR the transfer table is about.
-if [ $# -eq 0 ]; then
+  followup depth_moe-completep_seeds
+  reuse_runs expert_hidden_moe-completep expert_hidden_moe-completep_fine '*-lr-00'{7,6,5}'.000-s0'
+  followup expert_hidden_moe-completep_fine
+  reuse_runs expert_hidden_mup expert_hidden_mup_fine '*-lr-00'{7,6,5}'.000-s0'
+  followup expert_hidden_mup_fine
+  reuse_runs experts_moe-completep experts_moe-completep_fine '*-lr-00'{8,7,6,5}'.000-s0'
+  followup experts_moe-completep_fine
+  # Per-group LR sweeps along expert_hidden (which group's optimum moves?), collected on their own: their
+  # drift is of one group's LR multiplier, not of the base LR the transfer table is about.
   groups=()
   for g in expert_down expert_up attention rest; do
     "$bin" sweep --config "validation/sweeps/expert_hidden_$g.toml" --out "validation/sweeps/results/expert_hidden_$g" --resume
@@ -66,21 +66,14 @@ if [ $# -eq 0 ]; then
   done
   "$bin" sweep --collect "${groups[@]}" --out validation/sweeps/results/groups
   cat validation/sweeps/results/groups/transfer.md
-  # The base LR again with expert_down's rate tuned at the base (lr_scale 2^2.5, from the sweep above).
-  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_tuned.toml \
-    --out validation/sweeps/results/expert_hidden_moe-completep_tuned --resume
-  dirs+=(validation/sweeps/results/expert_hidden_moe-completep_tuned)
-  # ... and with every group's rate tuned at the base (attention 2^-0.9, expert_down 2^2.5, the rest 2^1).
-  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_pergroup.toml \
-    --out validation/sweeps/results/expert_hidden_moe-completep_pergroup --resume
-  dirs+=(validation/sweeps/results/expert_hidden_moe-completep_pergroup)
-  # Its n = 64 and 128, two seeds, reusing the n = 32 and 256 runs of seeds 0 and 1.
-  axis=validation/sweeps/results/expert_hidden_moe-completep_pergroup_axis
-  mkdir -p "$axis/runs"
-  for run in validation/sweeps/results/expert_hidden_moe-completep_pergroup/runs/*-lr-00{7.5,7.0,6.5,6.0,5.5}00-s[01]; do
-    [ -e "$axis/runs/$(basename "$run")" ] || cp -r "$run" "$axis/runs/"
-  done
-  "$bin" sweep --config validation/sweeps/expert_hidden_moe-completep_pergroup_axis.toml --out "$axis" --resume
-  dirs+=("$axis")
-  "$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
+  # The base LR again with expert_down's rate tuned at the base (lr_scale 2^2.5, from the sweep above) ...
+  followup expert_hidden_moe-completep_tuned
+  # ... and with every group's rate tuned at the base (attention 2^-0.9, expert_down 2^2.5, the rest 2^1),
+  followup expert_hidden_moe-completep_pergroup
+  # then its n = 64 and 128 with two seeds, reusing the n = 32 and 256 runs of seeds 0 and 1.
+  reuse_runs expert_hidden_moe-completep_pergroup expert_hidden_moe-completep_pergroup_axis \
+    '*-lr-00'{7.5,7.0,6.5,6.0,5.5}'00-s[01]'
+  followup expert_hidden_moe-completep_pergroup_axis
 fi
+"$bin" sweep --collect "${dirs[@]}" --out validation/sweeps/results/transfer
+cat validation/sweeps/results/transfer/transfer.md
