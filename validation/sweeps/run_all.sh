@@ -75,14 +75,15 @@ if [ $# -eq 0 ]; then
     '*-lr-00'{7.5,7.0,6.5,6.0,5.5}'00-s[01]'
   followup expert_hidden_moe-completep_pergroup_axis
   # The same multipliers, unchanged, along depth (L = 2 and 4, four seeds; then the whole axis, two seeds)
-  # and along experts (M = 8 and 64, two seeds).
+  # and along experts (8 .. 64 experts, two seeds).
   followup depth_moe-completep_pergroup
   reuse_runs depth_moe-completep_pergroup depth_moe-completep_pergroup_axis \
     '*-lr-00'{8.0,7.5,7.0,6.5,6.0,5.5}'00-s[01]'
   followup depth_moe-completep_pergroup_axis
   followup experts_moe-completep_pergroup
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
-  # every group at multiplier 1, is the reference of all three), collected with the other per-group sweeps.
+  # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
+  # read as a loss table (sweeps/REPORT.md, Findings, Depth).
   for g in expert_down attention rest; do
     "$bin" sweep --config "validation/sweeps/depth_$g.toml" --out "validation/sweeps/results/depth_$g" --resume
   done
