@@ -69,3 +69,28 @@ fn width_mup_trains_the_networks_of_width_moe_completep_and_no_other_pair_does()
         }
     }
 }
+
+#[test]
+fn every_config_with_committed_results_still_resolves_to_the_base_they_ran_with() {
+    // Results are committed beside their configs. A config edited later (a moved `[base] include`, a changed
+    // multiplier) that no longer matches its results' manifest would make `--resume` refuse the folder, or,
+    // worse, a reader take the results for the edited config's; so a config and its manifest must agree.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let manifest = dir.join("results").join(path.file_stem().unwrap()).join("sweep.toml");
+        if !manifest.is_file() {
+            continue;
+        }
+        let cfg = valid_config(&path);
+        let ran: SweepConfig = toml::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        assert!(cfg.base == ran.base, "{}: [base] differs from {}", path.display(), manifest.display());
+        assert_eq!(cfg.grid.lr_groups, ran.grid.lr_groups, "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 20, "found {n} configs with results");
+}

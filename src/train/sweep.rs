@@ -195,6 +195,36 @@ fn base_size(base: &toml::Table, path: &[&str]) -> Result<usize> {
         .ok_or_else(|| Error::invalid(&field, "must be a positive integer"))
 }
 
+/// The file names of `[base] include`: one string or a list of them.
+fn include_paths(value: &toml::Value) -> Result<Vec<&str>> {
+    let bad = || Error::invalid("base.include", "must be a file path or a list of file paths");
+    match value {
+        toml::Value::String(s) => Ok(vec![s.as_str()]),
+        toml::Value::Array(items) => items.iter().map(|v| v.as_str().ok_or_else(bad)).collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// Merges an included file's tables into `base` (`at` is the dotted path of `base`, for errors).
+fn merge_include(base: &mut toml::Table, fragment: toml::Table, at: &str, file: &Path) -> Result<()> {
+    for (key, value) in fragment {
+        let field = format!("{at}.{key}");
+        match (base.get_mut(&key), value) {
+            (None, value) => {
+                base.insert(key, value);
+            }
+            (Some(toml::Value::Table(inner)), toml::Value::Table(more)) => merge_include(inner, more, &field, file)?,
+            (Some(_), _) => {
+                return Err(Error::invalid(
+                    field,
+                    format!("is set both in the sweep config and in its include {}; set it in one place", file.display()),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn toml_number(v: &toml::Value) -> Option<f64> {
     v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
 }
@@ -231,9 +261,40 @@ impl SweepConfig {
         Ok(cfg)
     }
 
-    /// Reads a sweep config from TOML (unknown keys rejected).
+    /// Reads a sweep config from TOML (unknown keys rejected). `[base] include = ["a.toml", ...]` merges
+    /// those files (paths relative to the config's folder) into `[base]` first, so that a set of settings
+    /// shared by several sweeps (e.g. per-group LR multipliers) has one source. A key set both in the
+    /// config and in an include, or in two includes, is refused rather than overridden: which one wins
+    /// would be a silent choice. The resolved config is what the sweep records (`DIR/sweep.toml`, each
+    /// run's `config.toml`), so moving settings into an include leaves existing results valid.
     pub fn from_file(path: &Path) -> Result<SweepConfig> {
-        let cfg: SweepConfig = crate::cli::read_toml(path)?;
+        let mut raw: toml::Table = crate::cli::read_toml(path)?;
+        let include = raw.get_mut("base").and_then(|b| b.as_table_mut()).and_then(|b| b.remove("include"));
+        let cfg: SweepConfig = match include {
+            // No include: deserialize the text itself, whose errors carry line and column.
+            None => crate::cli::read_toml(path)?,
+            Some(files) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let base = raw
+                    .get_mut("base")
+                    .and_then(|b| b.as_table_mut())
+                    .ok_or_else(|| Error::invalid("base", "must be a table"))?;
+                for file in include_paths(&files)? {
+                    let file = dir.join(file);
+                    let fragment: toml::Table = crate::cli::read_toml(&file)?;
+                    if fragment.contains_key("include") {
+                        return Err(Error::invalid(
+                            "base.include",
+                            format!("{} has an `include` of its own; includes do not nest", file.display()),
+                        ));
+                    }
+                    merge_include(base, fragment, "base", &file)?;
+                }
+                toml::Value::Table(raw)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| Error::Parse { path: path.to_path_buf(), reason: e.to_string() })?
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -1409,6 +1470,74 @@ mod tests {
         };
         let r = run_sweep(&cfg, dir.path(), Shard::default(), &blows_up, false).unwrap();
         assert_eq!((r.ran, r.diverged), (20, 20));
+    }
+
+    #[test]
+    fn included_settings_resolve_to_the_inline_config_and_clashes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let inline = r#"
+            [base]
+            seed = 0
+            steps = 10
+            [base.model.sizes]
+            width = 32
+            depth = 2
+            experts = 8
+            active = 2
+            expert_hidden = 64
+            [base.param]
+            preset = "sp"
+            lr = 0.001
+            base = { width = 32, depth = 2, experts = 8, active = 2, expert_hidden = 64 }
+            [base.param.groups.expert_down]
+            lr_scale = 4.0
+            [base.param.groups.router]
+            lr_scale = 0.5
+
+            [grid]
+            axis = "width"
+            sizes = [32, 64]
+            lr_log2 = [-8, -7]
+            presets = ["sp"]
+            "#;
+        std::fs::write(dir.path().join("inline.toml"), inline).unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        std::fs::write(dir.path().join("shared/down.toml"), "[param.groups.expert_down]\nlr_scale = 4.0\n").unwrap();
+        std::fs::write(dir.path().join("shared/router.toml"), "[param.groups.router]\nlr_scale = 0.5\n").unwrap();
+        let without = |text: &str| {
+            text.replace("[base.param.groups.expert_down]\n            lr_scale = 4.0\n", "")
+                .replace("[base.param.groups.router]\n            lr_scale = 0.5\n", "")
+        };
+        let included = without(inline)
+            .replace("[base]\n", "[base]\ninclude = [\"shared/down.toml\", \"shared/router.toml\"]\n");
+        std::fs::write(dir.path().join("included.toml"), &included).unwrap();
+        let a = SweepConfig::from_file(&dir.path().join("inline.toml")).unwrap();
+        let b = SweepConfig::from_file(&dir.path().join("included.toml")).unwrap();
+        assert_eq!(a, b);
+        assert!(b.base.get("include").is_none(), "the resolved config records values, not file names");
+        // Results of the inline form stay valid when its settings move into an include.
+        run_sweep(&a, dir.path().join("out").as_path(), Shard::default(), &synthetic, false).unwrap();
+        let r = run_sweep(&b, dir.path().join("out").as_path(), Shard::default(), &synthetic, false).unwrap();
+        assert_eq!((r.ran, r.skipped), (0, 4));
+
+        // The same key in the config and in an include: refused, naming the field and the file.
+        let clash = inline.replace("[base]\n", "[base]\ninclude = \"shared/down.toml\"\n");
+        std::fs::write(dir.path().join("clash.toml"), clash).unwrap();
+        let e = SweepConfig::from_file(&dir.path().join("clash.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let msg = e.to_string();
+        assert!(msg.contains("base.param.groups.expert_down.lr_scale") && msg.contains("down.toml"), "{msg}");
+
+        // A missing include and a malformed one are input errors too.
+        let missing = without(inline).replace("[base]\n", "[base]\ninclude = [\"shared/nope.toml\"]\n");
+        std::fs::write(dir.path().join("missing.toml"), missing).unwrap();
+        let e = SweepConfig::from_file(&dir.path().join("missing.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+        let malformed = without(inline).replace("[base]\n", "[base]\ninclude = 3\n");
+        std::fs::write(dir.path().join("malformed.toml"), malformed).unwrap();
+        let e = SweepConfig::from_file(&dir.path().join("malformed.toml")).unwrap_err();
+        assert!(e.to_string().contains("base.include"), "{e}");
     }
 
     #[test]
