@@ -57,13 +57,16 @@ if [ $# -eq 0 ]; then
   followup expert_hidden_mup_fine
   reuse_runs experts_moe-completep experts_moe-completep_fine '*-lr-00'{8,7,6,5}'.000-s0'
   followup experts_moe-completep_fine
-  # Per-group LR sweeps along expert_hidden (which group's optimum moves?), collected on their own: their
+  # Per-group LR sweeps along expert_hidden and experts (which group's optimum moves?), collected on their own: their
   # drift is of one group's LR multiplier, not of the base LR the transfer table is about.
   groups=()
   for g in expert_down expert_up attention rest; do
     "$bin" sweep --config "validation/sweeps/expert_hidden_$g.toml" --out "validation/sweeps/results/expert_hidden_$g" --resume
     groups+=("validation/sweeps/results/expert_hidden_$g")
   done
+  # Along experts, the router's rate alone: of all groups only its shape depends on M.
+  "$bin" sweep --config validation/sweeps/experts_router.toml --out validation/sweeps/results/experts_router --resume
+  groups+=(validation/sweeps/results/experts_router)
   "$bin" sweep --collect "${groups[@]}" --out validation/sweeps/results/groups
   cat validation/sweeps/results/groups/transfer.md
   # The base LR again with expert_down's rate tuned at the base (lr_scale 2^2.5, from the sweep above) ...
@@ -81,6 +84,13 @@ if [ $# -eq 0 ]; then
     '*-lr-00'{8.0,7.5,7.0,6.5,6.0,5.5}'00-s[01]'
   followup depth_moe-completep_pergroup_axis
   followup experts_moe-completep_pergroup
+  # The shared LR over the whole depth axis with three seeds (L = 2 -> 4's six-seed shift is at the threshold,
+  # L = 8 and 16 had one seed): L = 2 and 4 from depth_moe-completep_seeds, L = 8 and 16's seed 0 at the
+  # integer LRs from the main sweep.
+  reuse_runs depth_moe-completep_seeds depth_moe-completep_seeds_axis \
+    '*-depth0000[24]-lr-00'{8.0,7.5,7.0,6.5,6.0,5.5,5.0}'00-s[012]'
+  reuse_runs depth_moe-completep depth_moe-completep_seeds_axis '*-depth000'{08,16}'-lr-00'{8,7,6,5}'.000-s0'
+  followup depth_moe-completep_seeds_axis
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
   # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
   # read as a loss table (sweeps/REPORT.md, Findings, Depth).
