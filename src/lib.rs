@@ -32,6 +32,21 @@ pub use error::{Error, Result};
 
 extern "C" {
     fn openblas_set_num_threads(n: std::os::raw::c_int);
+    fn openblas_get_corename() -> *const std::os::raw::c_char;
+}
+
+/// The OpenBLAS kernel set this process uses (e.g. `Haswell`, `Zen`, `SkylakeX`): chosen per CPU at start-up
+/// unless the environment variable `OPENBLAS_CORETYPE` names one. Matrix products, and so the last digits of
+/// every loss, depend on it: a run reproduces bit for bit on the same kernel set and thread count, and two
+/// kernel sets give initial losses that differ in the tenth digit. Every run's `summary.json` records it.
+pub fn blas_core() -> String {
+    // SAFETY: OpenBLAS exports this getter; it returns a pointer to a static NUL-terminated name.
+    let name = unsafe { openblas_get_corename() };
+    if name.is_null() {
+        return "unknown".into();
+    }
+    // SAFETY: non-null, NUL-terminated and static (see above).
+    unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
 }
 
 /// Makes OpenBLAS single-threaded. Parallelism comes from rayon (over experts, tokens, seeds); a

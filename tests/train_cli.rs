@@ -135,6 +135,10 @@ fn resnet_outputs_are_present_and_well_formed() {
     assert_eq!(summary["final_loss"].as_f64(), Some(last));
     assert!(summary["params_active"].as_u64().unwrap() < summary["params_total"].as_u64().unwrap());
     assert_eq!(summary["threads"], 1);
+    // The BLAS kernel set is the third thing (with seed and threads) a bit-for-bit rerun needs.
+    let core = moe_dmft::blas_core();
+    assert!(!core.is_empty() && core != "unknown", "OpenBLAS names no kernel set: {core:?}");
+    assert_eq!(summary["blas_core"], core.as_str());
 
     // config.toml is the config as run plus the resolved table, and can be run again.
     let written = TrainConfig::from_file(&out.join("config.toml")).unwrap();

@@ -527,6 +527,10 @@ pub struct Summary {
     pub optimizer: crate::param::Optimizer,
     pub seed: u64,
     pub threads: usize,
+    /// The CPU's BLAS kernel set ([`crate::blas_core`]): with `seed` and `threads`, what a bit-for-bit rerun
+    /// needs. Empty in summaries written before it was recorded.
+    #[serde(default)]
+    pub blas_core: String,
 }
 
 /// The `summary.json` of a finished (or diverged) run; shared by the CPU trainer and the GPU backend.
@@ -561,6 +565,7 @@ pub fn summarize<F: Real>(p: &Prepared, store: &ParamStore<F>, r: &LoopResult) -
         optimizer: p.resolved.optimizer,
         seed: p.config.seed,
         threads: p.config.threads,
+        blas_core: crate::blas_core(),
     }
 }
 

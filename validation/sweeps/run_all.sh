@@ -8,6 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OPENBLAS_NUM_THREADS=1
+# OpenBLAS picks its kernel set per CPU (summary.json's `blas_core`), and two sets give losses that differ from
+# the tenth digit on (about 0.003 after a run): pinning one makes runs on different x86 machines comparable
+# bit for bit. Haswell's kernels need AVX2 and FMA; on this project's machines they give the same results
+# to every digit as the default choice (Zen).
+if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then
+  export OPENBLAS_CORETYPE=Haswell
+fi
 bash scripts/get_corpus.sh
 cargo build --release
 bin=target/release/moe-dmft
