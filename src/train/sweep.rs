@@ -1132,6 +1132,19 @@ pub fn three_point_drift(p: &PresetAnalysis) -> Option<Drift> {
     analysis::drift(&optima)
 }
 
+/// The drift over every size but the smallest: does the optimum settle once past the bottom of the axis?
+/// Finite-size corrections (1/L along depth, k^(-1/2) along experts) are largest at the smallest size, so a
+/// drift confined to its first step is the signature of an optimum converging to its limit, while a drift
+/// that goes on is one the parameterization misses. `None` with fewer than three sizes or a missing optimum.
+pub fn drift_past_smallest(p: &PresetAnalysis) -> Option<Drift> {
+    let mut optima: Vec<(usize, Optimum)> = p.sizes.iter().filter_map(|z| z.optimum.map(|o| (z.size, o))).collect();
+    if optima.len() < 3 || optima.len() < p.sizes.len() {
+        return None;
+    }
+    optima.sort_by_key(|o| o.0);
+    analysis::drift(&optima[1..])
+}
+
 /// Resamples of the seed bootstrap in the transfer table (a few milliseconds per row).
 pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 
@@ -1142,13 +1155,13 @@ pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 /// otherwise or when an optimum is missing or sits on the edge of the grid; `undecided (fit window)` when
 /// [`three_point_drift`] puts the drift on the other side of `tolerance`. A further column gives the
 /// [`analysis::bootstrap_drift`] over seeds: percentiles of the drift and the share of resamples within
-/// `tolerance` (`n/a` with one seed).
+/// `tolerance` (`n/a` with one seed); another the [`drift_past_smallest`].
 pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | seed bootstrap: drift 16 / 50 / 84%, share within {tolerance} | cost: loss at the largest size at the smallest's optimum minus its best (bootstrap 16 / 50 / 84%) | runs (diverged) / grid | run wall time |\n"
+        "| sweep | axis | preset | tokens per run | optimum log2 LR per size (+- 1 sd) | drift max - min | per doubling | drift, 3-point check | within {tolerance} | drift without the smallest size | seed bootstrap: drift 16 / 50 / 84%, share within {tolerance} | cost: loss at the largest size at the smallest's optimum minus its best (bootstrap 16 / 50 / 84%) | runs (diverged) / grid | run wall time |\n"
     ));
-    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |\n");
+    s.push_str("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |\n");
     for (name, sum) in summaries {
         for p in &sum.presets {
             let optima: Vec<String> = p
@@ -1194,6 +1207,10 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                 None => ("n/a".into(), "n/a".into(), "undecided"),
             };
             let check = check.map_or_else(|| "n/a".into(), |c| format!("{c:.2}"));
+            let past_smallest = drift_past_smallest(p).map_or_else(
+                || "n/a".into(),
+                |d| format!("{:.2}{}", d.range, d.range_std.map_or_else(String::new, |sd| format!(" +- {sd:.2}"))),
+            );
             let runs: Vec<&RunRecord> =
                 sum.runs.iter().filter(|r| r.point.preset == p.preset && r.point.init_scale == p.init_scale).collect();
             let diverged = runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count();
@@ -1217,7 +1234,7 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
             };
             let cost = transfer_cost_cell(p, sum.window, bootstrap.and_then(|b| b.cost));
             s.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {boot} | {cost} | {} ({diverged}) / {grid} | {:.0} s |\n",
+                "| {name} | {} | {} | {} | {} | {drift} | {slope} | {check} | {verdict} | {past_smallest} | {boot} | {cost} | {} ({diverged}) / {grid} | {:.0} s |\n",
                 sum.axis.name(),
                 sum.preset_label(p),
                 sum.tokens_per_run.map_or_else(|| "n/a".into(), |t| t.to_string()),
@@ -1641,11 +1658,15 @@ mod tests {
         let r = row("expert_hidden", "sp");
         assert!(r[6].starts_with("1.00") && r[7].starts_with("-0.50") && r[8] == "1.00" && r[9] == "no", "{md}");
         assert!(row("width", "sp")[5].contains("128: -7.00"), "{md}");
-        // Column 10, the seed bootstrap, needs two seeds; these sweeps have one.
-        assert_eq!(row("width", "sp")[10], "n/a", "{md}");
-        // Column 11: what the drift costs. sp at 128 trained at 32's optimum, one log2 unit off: 0.05 x 1^2.
-        assert_eq!(row("expert_hidden", "sp")[11], "0.0500", "{md}");
-        assert_eq!(row("width", "moe-completep")[11], "0.0000", "{md}");
+        // Column 10: the drift over 64 and 128 alone, half of sp's (the optimum goes on moving) and none of
+        // moe-completep's.
+        assert!(row("expert_hidden", "sp")[10].starts_with("0.50"), "{md}");
+        assert!(row("width", "moe-completep")[10].starts_with("0.00"), "{md}");
+        // Column 11, the seed bootstrap, needs two seeds; these sweeps have one.
+        assert_eq!(row("width", "sp")[11], "n/a", "{md}");
+        // Column 12: what the drift costs. sp at 128 trained at 32's optimum, one log2 unit off: 0.05 x 1^2.
+        assert_eq!(row("expert_hidden", "sp")[12], "0.0500", "{md}");
+        assert_eq!(row("width", "moe-completep")[12], "0.0000", "{md}");
         for f in ["transfer_lr_curves.png", "transfer_lr_curves.svg", "transfer_drift.png"] {
             assert!(out.join(f).is_file(), "{f}");
         }
