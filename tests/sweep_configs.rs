@@ -16,6 +16,18 @@ fn valid_config(path: &Path) -> SweepConfig {
     cfg
 }
 
+/// The sweep configs under validation/sweeps/ (not the include files in its subfolders).
+fn sweep_config_paths() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    paths
+}
+
 #[test]
 fn every_axis_and_preset_has_a_valid_sweep_config() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
@@ -41,17 +53,11 @@ fn every_axis_and_preset_has_a_valid_sweep_config() {
 #[test]
 fn every_sweep_config_under_validation_is_valid() {
     // Follow-up and tiny sweeps too: a config that no longer parses would only fail when someone reruns it.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
-    let mut n = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_none_or(|x| x != "toml") {
-            continue;
-        }
-        valid_config(&path);
-        n += 1;
+    let paths = sweep_config_paths();
+    for path in &paths {
+        valid_config(path);
     }
-    assert!(n >= 14, "found {n} sweep configs");
+    assert!(paths.len() >= 14, "found {} sweep configs", paths.len());
 }
 
 #[test]
@@ -75,14 +81,9 @@ fn every_config_with_committed_results_still_resolves_to_the_base_they_ran_with(
     // Results are committed beside their configs. A config edited later (a moved `[base] include`, a changed
     // multiplier) that no longer matches its results' manifest would make `--resume` refuse the folder, or,
     // worse, a reader take the results for the edited config's; so a config and its manifest must agree.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("validation/sweeps");
     let mut n = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_none_or(|x| x != "toml") {
-            continue;
-        }
-        let manifest = dir.join("results").join(path.file_stem().unwrap()).join("sweep.toml");
+    for path in sweep_config_paths() {
+        let manifest = path.with_file_name("results").join(path.file_stem().unwrap()).join("sweep.toml");
         if !manifest.is_file() {
             continue;
         }

@@ -1312,9 +1312,8 @@ pub fn write_summary(summary: &SweepSummary, out: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn config(extra_grid: &str) -> SweepConfig {
-        let text = format!(
-            r#"
+    /// The `[base]` of the test sweeps (tables of their own may follow it).
+    const BASE: &str = r#"
             [base]
             seed = 0
             steps = 10
@@ -1327,8 +1326,12 @@ mod tests {
             [base.param]
             preset = "sp"
             lr = 0.001
-            base = {{ width = 32, depth = 2, experts = 8, active = 2, expert_hidden = 64 }}
+            base = { width = 32, depth = 2, experts = 8, active = 2, expert_hidden = 64 }
+            "#;
 
+    fn config(extra_grid: &str) -> SweepConfig {
+        let text = format!(
+            r#"{BASE}
             [grid]
             axis = "width"
             sizes = [32, 64]
@@ -1492,20 +1495,8 @@ mod tests {
     #[test]
     fn included_settings_resolve_to_the_inline_config_and_clashes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let inline = r#"
-            [base]
-            seed = 0
-            steps = 10
-            [base.model.sizes]
-            width = 32
-            depth = 2
-            experts = 8
-            active = 2
-            expert_hidden = 64
-            [base.param]
-            preset = "sp"
-            lr = 0.001
-            base = { width = 32, depth = 2, experts = 8, active = 2, expert_hidden = 64 }
+        let inline = &format!(
+            r#"{BASE}
             [base.param.groups.expert_down]
             lr_scale = 4.0
             [base.param.groups.router]
@@ -1516,7 +1507,8 @@ mod tests {
             sizes = [32, 64]
             lr_log2 = [-8, -7]
             presets = ["sp"]
-            "#;
+            "#
+        );
         std::fs::write(dir.path().join("inline.toml"), inline).unwrap();
         std::fs::create_dir(dir.path().join("shared")).unwrap();
         std::fs::write(dir.path().join("shared/down.toml"), "[param.groups.expert_down]\nlr_scale = 4.0\n").unwrap();
