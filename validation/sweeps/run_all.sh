@@ -98,6 +98,8 @@ if [ $# -eq 0 ]; then
     '*-depth0000[24]-lr-00'{8.0,7.5,7.0,6.5,6.0,5.5,5.0}'00-s[012]'
   reuse_runs depth_moe-completep depth_moe-completep_seeds_axis '*-depth000'{08,16}'-lr-00'{8,7,6,5}'.000-s0'
   followup depth_moe-completep_seeds_axis
+  # The shared LR along experts with the router at experts_router's best multiplier (2^-3).
+  followup experts_moe-completep_router
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
   # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
   # read as a loss table (sweeps/REPORT.md, Findings, Depth).
