@@ -91,5 +91,10 @@ pub fn run(command: Command) -> crate::Result<()> {
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> crate::Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| crate::Error::Read { path: path.to_path_buf(), source })?;
-    toml::from_str(&text).map_err(|e| crate::Error::Parse { path: path.to_path_buf(), reason: e.to_string() })
+    parse_toml(&text, path)
+}
+
+/// Parses TOML text read from `path` (named in the error).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &std::path::Path) -> crate::Result<T> {
+    toml::from_str(text).map_err(|e| crate::Error::Parse { path: path.to_path_buf(), reason: e.to_string() })
 }
