@@ -77,7 +77,7 @@ pub fn parse_ladder(s: &str) -> Result<Vec<(usize, usize, usize)>> {
 pub fn run(args: Args) -> Result<()> {
     let solve = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })?;
+            let text = super::read_text(path)?;
             SolveConfig::from_toml_str(&text)?
         }
         None => SolveConfig::default(),

@@ -45,7 +45,7 @@ const PANEL_QUANTITIES: [&str; 12] = [
 ];
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let text = super::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| Error::Parse { path: path.to_path_buf(), reason: e.to_string() })
 }
 

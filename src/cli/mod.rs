@@ -89,9 +89,12 @@ pub fn run(command: Command) -> crate::Result<()> {
 
 /// Reads and parses a TOML config, rejecting unknown keys (via the type's `deny_unknown_fields`).
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> crate::Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| crate::Error::Read { path: path.to_path_buf(), source })?;
-    parse_toml(&text, path)
+    parse_toml(&read_text(path)?, path)
+}
+
+/// Reads a text file, naming it in the error.
+pub fn read_text(path: &std::path::Path) -> crate::Result<String> {
+    std::fs::read_to_string(path).map_err(|source| crate::Error::Read { path: path.to_path_buf(), source })
 }
 
 /// Parses TOML text read from `path` (named in the error).

@@ -268,8 +268,7 @@ impl SweepConfig {
     /// would be a silent choice. The resolved config is what the sweep records (`DIR/sweep.toml`, each
     /// run's `config.toml`), so moving settings into an include leaves existing results valid.
     pub fn from_file(path: &Path) -> Result<SweepConfig> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        let text = crate::cli::read_text(path)?;
         let mut raw: toml::Table = crate::cli::parse_toml(&text, path)?;
         let include = raw.get_mut("base").and_then(|b| b.as_table_mut()).and_then(|b| b.remove("include"));
         let cfg: SweepConfig = match include {
