@@ -199,6 +199,12 @@ fn bad_input_exits_with_code_2_and_names_the_field() {
     let o = sweep_cmd(&dir.path().join("missing.toml"), &out, &[]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
 
+    // Summarizing a folder that does not exist is a typo in --out: named, and nothing is created.
+    let o = sweep_cmd(&config, &dir.path().join("no-such-sweep"), &["--summary-only"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("out"));
+    assert!(!dir.path().join("no-such-sweep").exists());
+
     let text = std::fs::read_to_string(&config).unwrap().replace("sizes = [16, 32]", "sizes = [16, 0]");
     std::fs::write(&config, text).unwrap();
     let o = sweep_cmd(&config, &out, &[]).output().unwrap();

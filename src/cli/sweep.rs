@@ -54,6 +54,10 @@ pub fn run(args: Args) -> crate::Result<()> {
     };
     let cfg = SweepConfig::from_file(config)?;
     if args.summary_only {
+        // A summary of nothing is a typo in --out, not a result: say so rather than fail on the write.
+        if !args.out.is_dir() {
+            return Err(crate::Error::invalid("out", format!("{} is not a sweep folder", args.out.display())));
+        }
         let summary = sweep::summarize(&cfg, &args.out)?;
         sweep::write_summary(&summary, &args.out)?;
         println!(

@@ -100,6 +100,8 @@ if [ $# -eq 0 ]; then
   followup depth_moe-completep_seeds_axis
   # The shared LR along experts with the router at experts_router's best multiplier (2^-3).
   followup experts_moe-completep_router
+  # The same router multiplier along depth (L routers, one per block), the grid of depth_moe-completep_seeds_axis.
+  followup depth_moe-completep_router
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
   # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
   # read as a loss table (sweeps/REPORT.md, Findings, Depth).
