@@ -100,7 +100,7 @@ if [ $# -eq 0 ]; then
   followup depth_moe-completep_seeds_axis
   # The shared LR along experts with the router at experts_router's best multiplier (2^-3).
   followup experts_moe-completep_router
-  # The same router multiplier along depth (L routers, one per block), the grid of depth_moe-completep_seeds_axis.
+  # The same router multiplier along depth (L routers, one per block): depth_moe-completep_seeds_axis's grid and -4.5.
   followup depth_moe-completep_router
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
   # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
