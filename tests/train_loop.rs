@@ -2,9 +2,11 @@
 //! clipping, schedules in the records, divergence, and `train_in_memory` on the real architectures.
 
 use moe_dmft::data::Task;
-use moe_dmft::model::{Batch, Model, ParamStore, Real, StepOutput};
+use moe_dmft::model::{Batch, Grads, Model, ParamStore, Real, Resident, ResidentGrad, StepOutput};
 use moe_dmft::param::{Group, GroupHp, Optimizer as Opt, Resolved, Sizes};
-use moe_dmft::train::engine::{run_loop, LoopSettings, Observer, Status, StepRecord, TrainData};
+use moe_dmft::routing::LoadStats;
+use moe_dmft::train::engine::{make_optimizer, run_loop, LoopSettings, Observer, Status, StepRecord, TrainData};
+use moe_dmft::train::optim::Optimizer;
 use moe_dmft::train::schedule::{Schedule, ScheduleKind};
 use moe_dmft::train::{train_in_memory, NoObserver, TrainConfig};
 use ndarray::{Array1, Array2, Ix2};
@@ -192,6 +194,90 @@ fn non_finite_loss_stops_the_run_with_a_status() {
     assert_eq!(r.diverged_at, Some(0));
     assert_eq!(r.losses.len(), 1);
     assert_eq!(model.w(), w0, "no update is applied from a non-finite loss");
+}
+
+/// [`Linear`] as a device model would hold it: the "device" copy trains through [`Resident`] with its own
+/// optimizer, and the host store the trainer sees is only brought up to date by `sync_host`.
+struct OnDevice {
+    device: Linear<f64>,
+    host: ParamStore<f64>,
+    optimizer: std::sync::Mutex<Box<dyn Optimizer<f64>>>,
+    grads: Option<Grads<f64>>,
+    syncs: usize,
+}
+
+impl OnDevice {
+    fn new(w: &[f64], hp: &Resolved, s: &LoopSettings) -> Self {
+        let device = Linear::<f64>::new(w);
+        let optimizer = std::sync::Mutex::new(make_optimizer(device.store(), hp, s).unwrap());
+        OnDevice { host: device.store().clone(), device, optimizer, grads: None, syncs: 0 }
+    }
+}
+
+impl Model<f64> for OnDevice {
+    fn store(&self) -> &ParamStore<f64> {
+        &self.host
+    }
+    fn store_mut(&mut self) -> &mut ParamStore<f64> {
+        panic!("the trainer must not edit a resident model's host store")
+    }
+    fn loss_and_grad(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> moe_dmft::Result<StepOutput<f64>> {
+        self.device.loss_and_grad(batch, rng)
+    }
+    fn forward(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> moe_dmft::Result<(f64, Array2<f64>)> {
+        self.device.forward(batch, rng)
+    }
+    fn resident(&mut self) -> Option<&mut dyn Resident> {
+        Some(self)
+    }
+}
+
+impl Resident for OnDevice {
+    fn resident_grad(&mut self, batch: &Batch, rng: &mut ChaCha8Rng) -> moe_dmft::Result<ResidentGrad> {
+        let out = self.device.loss_and_grad(batch, rng)?;
+        let sq = |a: &ndarray::ArrayD<f64>| a.iter().map(|v| v * v).sum::<f64>();
+        let (grad_sq, param_sq) = (out.grads.iter().map(sq).collect(), self.device.store.params.iter().map(|p| sq(&p.value)).collect());
+        self.grads = Some(out.grads);
+        Ok(ResidentGrad { loss: out.loss, aux_loss: out.aux_loss, load: out.load, diagnostics: out.diagnostics, grad_sq, param_sq })
+    }
+    fn resident_update(&mut self, lr_factor: f64, grad_scale: f64, _betas: (f64, f64), _load: &[LoadStats]) -> moe_dmft::Result<Vec<f64>> {
+        let mut grads = self.grads.take().expect("resident_grad before resident_update");
+        grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * grad_scale));
+        self.optimizer.get_mut().unwrap().step(&mut self.device.store, &grads, lr_factor)
+    }
+    fn sync_host(&mut self) -> moe_dmft::Result<()> {
+        self.host = self.device.store.clone();
+        self.syncs += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_resident_model_trains_as_the_host_loop_and_syncs_its_store_once_at_the_end() {
+    // The GPU backend's path: the trainer records from the sums of squares the model reports and never
+    // touches host tensors until the end. Same arithmetic here, so every record must be identical.
+    let t = task();
+    let data = TrainData::Regression { train: t.clone(), validation: Some(t) };
+    for (opt, clip) in [(Opt::Sgd, None), (Opt::Sgd, Some(0.01)), (Opt::Adam, Some(0.05))] {
+        let hp = resolved(0.3, opt);
+        let mut s = settings(7);
+        s.eval_every = 3;
+        s.grad_clip = clip;
+        let (mut host_obs, mut dev_obs) = (Collect::default(), Collect::default());
+        let mut host_model = Linear::<f64>::new(&[0.5, -0.4, 0.2]);
+        let a = run_loop(&mut host_model, &hp, &data, &s, &mut host_obs).unwrap();
+        let mut dev_model = OnDevice::new(&[0.5, -0.4, 0.2], &hp, &s);
+        let b = run_loop(&mut dev_model, &hp, &data, &s, &mut dev_obs).unwrap();
+        assert_eq!(a.losses, b.losses, "{opt:?} {clip:?}");
+        assert_eq!(a.val_losses, b.val_losses);
+        assert_eq!(host_obs.0.len(), dev_obs.0.len());
+        for (x, y) in host_obs.0.iter().zip(&dev_obs.0) {
+            assert_eq!((x.grad_norm, &x.groups), (y.grad_norm, &y.groups), "step {}", x.step);
+        }
+        assert!(clip.is_none() || host_obs.0[0].grad_norm > clip.unwrap(), "the test needs a clipped step");
+        assert_eq!(dev_model.syncs, 1);
+        assert_eq!(dev_model.store().params[0].value, host_model.store().params[0].value);
+    }
 }
 
 fn resnet_config(threads: usize, steps: usize) -> TrainConfig {

@@ -21,7 +21,7 @@ use crate::Error;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Names of the kernels loaded from [`KERNELS`].
-pub const KERNEL_NAMES: [&str; 25] = [
+pub const KERNEL_NAMES: [&str; 26] = [
     "act_forward",
     "act_backward",
     "scale_inplace",
@@ -37,6 +37,7 @@ pub const KERNEL_NAMES: [&str; 25] = [
     "aux_grad",
     "column_dot",
     "row_sumsq",
+    "chunk_sumsq",
     "rms_norm_forward",
     "rms_norm_backward",
     "adamw",

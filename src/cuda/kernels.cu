@@ -308,6 +308,25 @@ __global__ void row_sumsq(const float* x, double* out, int rows, int width) {
     if (lane == 0) out[r] = acc;
 }
 
+// Sums of squares of x (has_y = 0) or of x - y (has_y = 1) over consecutive chunks of `chunk` entries, one
+// warp per chunk, into out[c] (training records: parameter, gradient and update norms per tensor, reduced
+// on the host in chunk order, so the same inputs give the same sums).
+__global__ void chunk_sumsq(const float* x, const float* y, int has_y, double* out, long long n, int chunk) {
+    int warps_per_block = blockDim.x / 32;
+    long long c = (long long)blockIdx.x * warps_per_block + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    long long start = c * chunk;
+    if (start >= n) return;
+    long long end = start + chunk < n ? start + chunk : n;
+    double acc = 0.0;
+    for (long long i = start + lane; i < end; i += 32) {
+        double v = has_y ? (double)x[i] - (double)y[i] : (double)x[i];
+        acc += v * v;
+    }
+    acc = warp_sum_d(acc);
+    if (lane == 0) out[c] = acc;
+}
+
 // RMS norm with gain, one warp per row: xhat = x / sqrt(mean(x^2) + eps), y = mult * gain * xhat.
 __global__ void rms_norm_forward(const float* x, const float* gain, float* y, float* xhat, float* inv_rms, int rows,
                                  int width, float eps, float mult) {

@@ -39,23 +39,64 @@ pub mod state;
 #[cfg(feature = "cuda")]
 pub mod transformer;
 
-/// A model on the GPU, beyond the [`crate::model::Model`] interface the CPU trainer drives: a training step
-/// that keeps parameters, gradients and optimizer moments on the device (the timing path and the
-/// one-step check), and copying the device parameters back into the host store.
+/// A model on the GPU, beyond the [`crate::model::Model`] interface: a training step that keeps
+/// parameters, gradients and optimizer moments on the device, in two halves (the trainer records the
+/// gradient's norms and validates between them), and copying the device parameters back into the host
+/// store. Every such model trains through [`crate::model::Resident`].
 #[cfg(feature = "cuda")]
 pub trait DeviceModel: crate::model::Model<f32> {
-    /// Forward, backward and an SGD/AdamW update (by the parameterization's optimizer) with every
-    /// group's lr times `lr_factor`; returns the loss and the load of every MoE layer.
+    /// Forward and backward on the device; the gradients stay there. With `measure`, the sums of squares
+    /// of every gradient and parameter (else both empty).
+    fn grad_on_device(
+        &self,
+        batch: &crate::model::Batch,
+        rng: &mut rand_chacha::ChaCha8Rng,
+        measure: bool,
+    ) -> crate::Result<crate::model::ResidentGrad>;
+
+    /// [`state::update`] with this model's balancing biases: the SGD/AdamW update (by the
+    /// parameterization's optimizer) with every group's lr times `lr_factor`, from the gradients times
+    /// `grad_scale`. With `measure`, each tensor's sum of squared update (else empty).
+    fn update_on_device(
+        &mut self,
+        lr_factor: f64,
+        betas: (f64, f64),
+        grad_scale: f64,
+        measure: bool,
+        load: &[crate::routing::LoadStats],
+    ) -> crate::Result<Vec<f64>>;
+
+    /// Copies the device parameters into the host store.
+    fn download_params(&mut self) -> crate::Result<()>;
+
+    /// Forward, backward and update, measuring nothing (the timing path and the one-step check); returns
+    /// the loss and the load of every MoE layer.
     fn device_step(
         &mut self,
         batch: &crate::model::Batch,
         rng: &mut rand_chacha::ChaCha8Rng,
         lr_factor: f64,
         betas: (f64, f64),
-    ) -> crate::Result<(f64, Vec<crate::routing::LoadStats>)>;
+    ) -> crate::Result<(f64, Vec<crate::routing::LoadStats>)> {
+        let g = self.grad_on_device(batch, rng, false)?;
+        self.update_on_device(lr_factor, betas, 1.0, false, &g.load)?;
+        Ok((g.loss, g.load))
+    }
+}
 
-    /// Copies the device parameters into the host store.
-    fn download_params(&mut self) -> crate::Result<()>;
+#[cfg(feature = "cuda")]
+impl<M: DeviceModel> crate::model::Resident for M {
+    fn resident_grad(&mut self, batch: &crate::model::Batch, rng: &mut rand_chacha::ChaCha8Rng) -> crate::Result<crate::model::ResidentGrad> {
+        self.grad_on_device(batch, rng, true)
+    }
+
+    fn resident_update(&mut self, lr_factor: f64, grad_scale: f64, betas: (f64, f64), load: &[crate::routing::LoadStats]) -> crate::Result<Vec<f64>> {
+        self.update_on_device(lr_factor, betas, grad_scale, true, load)
+    }
+
+    fn sync_host(&mut self) -> crate::Result<()> {
+        self.download_params()
+    }
 }
 
 /// Which model `moe-dmft gpu bench` times (defined outside the feature so the CLI parses it in every

@@ -2,10 +2,10 @@
 //! and diagnostics as [`crate::model::resnet::MoeResNet`], computed with cuBLAS products and the kernels
 //! of `kernels.cu`; the MoE layers are [`super::moe::GpuMoe`].
 //!
-//! [`GpuResNet`] implements [`Model<f32>`], so the CPU trainer drives it unchanged: the host
-//! [`ParamStore`] stays the reference copy (the optimizer updates it), and every `loss_and_grad` uploads
-//! the parameters and downloads the gradients. [`GpuResNet::device_step`] instead keeps parameters,
-//! gradients and optimizer moments on the device (the timing path).
+//! [`GpuResNet`] implements [`Model<f32>`] and trains through [`Resident`]: parameters, gradients and
+//! optimizer moments stay on the device ([`super::DeviceModel`]), and the host [`ParamStore`] is brought
+//! up to date when the trainer asks (`sync_host`). `loss_and_grad` still downloads the gradients, for
+//! the CPU-vs-GPU check.
 //!
 //! Routing randomness matches the CPU bit for bit: random tie-breaking draws the same `T * M` numbers
 //! from the same rng, in the same order, on the host, and the kernel compares them the same way.
@@ -22,7 +22,7 @@ use super::state::{self, position, DeviceParams};
 use crate::cuda_launch;
 use crate::model::moe::{MoeMultipliers, MoeParamIds};
 use crate::model::resnet::{MoeResNet, ResNetConfig, ResNetMultipliers, NORM_EPS};
-use crate::model::{Batch, Model, ParamStore, StepOutput};
+use crate::model::{Batch, Model, ParamStore, Resident, ResidentGrad, StepOutput};
 use crate::param::Resolved;
 use crate::routing::LoadStats;
 use crate::Error;
@@ -101,12 +101,6 @@ impl GpuResNet {
     /// The host model (its store is the reference copy of the weights in the [`Model`] path).
     pub fn host(&self) -> &MoeResNet<f32> {
         &self.host
-    }
-
-    /// Copies the device parameters back into the host store (after [`Self::device_step`]).
-    pub fn download_params(&mut self) -> crate::Result<()> {
-        let st = state::get_mut(&mut self.state)?;
-        st.download_into(&self.gpu, self.host.store_mut())
     }
 
     /// The MoE layer description of every block.
@@ -250,33 +244,12 @@ impl GpuResNet {
         Ok((loss, fw))
     }
 
-    /// One training step entirely on the device: forward, backward, then SGD or AdamW (by the
-    /// parameterization's optimizer) with every group's lr times `lr_factor`, on the device copies.
-    /// The host store is not updated (see [`Self::download_params`]) except the balancing biases.
-    pub fn device_step(
-        &mut self,
-        batch: &Batch,
-        rng: &mut ChaCha8Rng,
-        lr_factor: f64,
-        (beta1, beta2): (f64, f64),
-    ) -> crate::Result<(f64, Vec<LoadStats>)> {
-        let (x, y) = self.regression(batch)?;
-        let (loss, load) = {
-            let mut st = state::lock(&self.state)?;
-            let (loss, fw) = self.forward_backward(&mut st, x, y, rng)?;
-            st.optimizer_step(&self.gpu, self.host.store(), &self.hp, lr_factor, (beta1, beta2))?;
-            self.gpu.sync()?;
-            (loss, fw.load)
-        };
-        // Auxiliary-loss-free balancing moves the biases on the host; copy them to the device.
-        if self.host.config().routing.bias_update_rate != 0.0 {
-            self.host.after_step(&load);
-            let st = state::get_mut(&mut self.state)?;
-            for ids in &self.blocks {
-                st.upload_one(&self.gpu, self.host.store(), ids.moe.bias)?;
-            }
+    /// Store positions of the balancing biases, when the config moves them (else none).
+    fn balancing_bias_ids(&self) -> Vec<usize> {
+        if self.host.config().routing.bias_update_rate == 0.0 {
+            return Vec::new();
         }
-        Ok((loss, load))
+        self.blocks.iter().map(|ids| ids.moe.bias).collect()
     }
 }
 
@@ -286,6 +259,7 @@ impl Model<f32> for GpuResNet {
     }
 
     fn store_mut(&mut self) -> &mut ParamStore<f32> {
+        state::before_host_edit(&mut self.state, &self.gpu, self.host.store_mut());
         self.host.store_mut()
     }
 
@@ -312,17 +286,33 @@ impl Model<f32> for GpuResNet {
     }
 
     fn after_step(&mut self, load: &[LoadStats]) {
+        state::before_host_edit(&mut self.state, &self.gpu, self.host.store_mut());
         self.host.after_step(load);
+    }
+
+    fn resident(&mut self) -> Option<&mut dyn Resident> {
+        Some(self)
     }
 }
 
 
 impl super::DeviceModel for GpuResNet {
-    fn device_step(&mut self, batch: &Batch, rng: &mut ChaCha8Rng, lr_factor: f64, betas: (f64, f64)) -> crate::Result<(f64, Vec<LoadStats>)> {
-        GpuResNet::device_step(self, batch, rng, lr_factor, betas)
+    fn grad_on_device(&self, batch: &Batch, rng: &mut ChaCha8Rng, measure: bool) -> crate::Result<ResidentGrad> {
+        let (x, y) = self.regression(batch)?;
+        let mut st = state::lock(&self.state)?;
+        st.upload(&self.gpu, self.host.store())?;
+        let (loss, fw) = self.forward_backward(&mut st, x, y, rng)?;
+        let (grad_sq, param_sq) = if measure { st.sums_of_squares(&self.gpu)? } else { Default::default() };
+        Ok(ResidentGrad { loss, aux_loss: fw.aux_loss, load: fw.load, diagnostics: fw.diagnostics, grad_sq, param_sq })
+    }
+
+    fn update_on_device(&mut self, lr_factor: f64, betas: (f64, f64), grad_scale: f64, measure: bool, load: &[LoadStats]) -> crate::Result<Vec<f64>> {
+        let biases = self.balancing_bias_ids();
+        state::update(&mut self.state, &self.gpu, &mut self.host, &self.hp, (lr_factor, betas, grad_scale), measure, load, &biases)
     }
 
     fn download_params(&mut self) -> crate::Result<()> {
-        GpuResNet::download_params(self)
+        let st = state::get_mut(&mut self.state)?;
+        st.download_into(&self.gpu, self.host.store_mut())
     }
 }

@@ -4,9 +4,8 @@
 //! for embeddings, norms, the causal softmax and the cross-entropy. MoE layers are
 //! [`super::moe::GpuMoe`], shared with the MoE-ResNet.
 //!
-//! Like [`super::resnet::GpuResNet`] it implements [`Model<f32>`] (host store as the reference copy, so
-//! the CPU trainer drives it unchanged) and has [`GpuTransformer::device_step`], which keeps parameters,
-//! gradients and Adam moments on the device (the timing path).
+//! Like [`super::resnet::GpuResNet`] it implements [`Model<f32>`] and trains through
+//! [`crate::model::Resident`]: parameters, gradients and Adam moments stay on the device.
 //!
 //! Attention keeps the S x S probabilities of every (sequence, head) pair for the backward pass, as the
 //! CPU does: memory B * H * S^2 floats per block (134 MB per block at B = 32, H = 16, S = 256). The
@@ -24,7 +23,7 @@ use super::moe::{self, act_kind, rms, GpuMoe, MoeCache};
 use super::state::{self, DeviceParams};
 use crate::cuda_launch;
 use crate::model::transformer::{BlockIds, FfnIds, MoeTransformer, TransformerConfig, TransformerMultipliers};
-use crate::model::{Batch, Model, ParamStore, StepOutput};
+use crate::model::{Batch, Model, ParamStore, Resident, ResidentGrad, StepOutput};
 use crate::param::Resolved;
 use crate::routing::LoadStats;
 use crate::Error;
@@ -162,12 +161,6 @@ impl GpuTransformer {
     /// The host model (its store is the reference copy of the weights in the [`Model`] path).
     pub fn host(&self) -> &MoeTransformer<f32> {
         &self.host
-    }
-
-    /// Copies the device parameters back into the host store (after [`Self::device_step`]).
-    pub fn download_params(&mut self) -> crate::Result<()> {
-        let st = state::get_mut(&mut self.state)?;
-        st.download_into(&self.gpu, self.host.store_mut())
     }
 
     fn moe(&self) -> GpuMoe<'_> {
@@ -451,27 +444,12 @@ impl GpuTransformer {
         Ok(fw)
     }
 
-    /// One training step entirely on the device: forward, backward, then SGD or AdamW (by the
-    /// parameterization's optimizer) with every group's lr times `lr_factor`, on the device copies.
-    /// The host store is not updated (see [`Self::download_params`]) except the balancing biases.
-    pub fn device_step(&mut self, batch: &Batch, rng: &mut ChaCha8Rng, lr_factor: f64, betas: (f64, f64)) -> crate::Result<(f64, Vec<LoadStats>)> {
-        let (loss, load) = {
-            let mut st = state::lock(&self.state)?;
-            let fw = self.forward_backward(&mut st, batch, rng)?;
-            st.optimizer_step(&self.gpu, self.host.store(), &self.hp, lr_factor, betas)?;
-            self.gpu.sync()?;
-            (fw.loss, fw.load)
-        };
-        if self.host.config().routing.bias_update_rate != 0.0 {
-            self.host.after_step(&load);
-            let st = state::get_mut(&mut self.state)?;
-            for ids in &self.blocks {
-                if let FfnIds::Moe(m) = ids.ffn {
-                    st.upload_one(&self.gpu, self.host.store(), m.bias)?;
-                }
-            }
+    /// Store positions of the balancing biases, when the config moves them (else none).
+    fn balancing_bias_ids(&self) -> Vec<usize> {
+        if self.host.config().routing.bias_update_rate == 0.0 {
+            return Vec::new();
         }
-        Ok((loss, load))
+        self.blocks.iter().filter_map(|ids| if let FfnIds::Moe(m) = ids.ffn { Some(m.bias) } else { None }).collect()
     }
 }
 
@@ -481,6 +459,7 @@ impl Model<f32> for GpuTransformer {
     }
 
     fn store_mut(&mut self) -> &mut ParamStore<f32> {
+        state::before_host_edit(&mut self.state, &self.gpu, self.host.store_mut());
         self.host.store_mut()
     }
 
@@ -500,17 +479,32 @@ impl Model<f32> for GpuTransformer {
     }
 
     fn after_step(&mut self, load: &[LoadStats]) {
+        state::before_host_edit(&mut self.state, &self.gpu, self.host.store_mut());
         self.host.after_step(load);
+    }
+
+    fn resident(&mut self) -> Option<&mut dyn Resident> {
+        Some(self)
     }
 }
 
 impl super::DeviceModel for GpuTransformer {
-    fn device_step(&mut self, batch: &Batch, rng: &mut ChaCha8Rng, lr_factor: f64, betas: (f64, f64)) -> crate::Result<(f64, Vec<LoadStats>)> {
-        GpuTransformer::device_step(self, batch, rng, lr_factor, betas)
+    fn grad_on_device(&self, batch: &Batch, rng: &mut ChaCha8Rng, measure: bool) -> crate::Result<ResidentGrad> {
+        let mut st = state::lock(&self.state)?;
+        st.upload(&self.gpu, self.host.store())?;
+        let fw = self.forward_backward(&mut st, batch, rng)?;
+        let (grad_sq, param_sq) = if measure { st.sums_of_squares(&self.gpu)? } else { Default::default() };
+        Ok(ResidentGrad { loss: fw.loss, aux_loss: fw.aux_loss, load: fw.load, diagnostics: fw.diagnostics, grad_sq, param_sq })
+    }
+
+    fn update_on_device(&mut self, lr_factor: f64, betas: (f64, f64), grad_scale: f64, measure: bool, load: &[LoadStats]) -> crate::Result<Vec<f64>> {
+        let biases = self.balancing_bias_ids();
+        state::update(&mut self.state, &self.gpu, &mut self.host, &self.hp, (lr_factor, betas, grad_scale), measure, load, &biases)
     }
 
     fn download_params(&mut self) -> crate::Result<()> {
-        GpuTransformer::download_params(self)
+        let st = state::get_mut(&mut self.state)?;
+        st.download_into(&self.gpu, self.host.store_mut())
     }
 }
 

@@ -19,7 +19,7 @@ use super::optim::{AdamW, Optimizer, Sgd};
 use super::schedule::Schedule;
 use crate::data::text::{random_windows, Corpus};
 use crate::data::Task;
-use crate::model::{Batch, Grads, Model, ParamStore, Real};
+use crate::model::{Batch, Grads, Model, ParamStore, Real, StepOutput};
 use crate::param::{Group, Resolved};
 use crate::routing::LoadStats;
 
@@ -254,7 +254,12 @@ pub fn run_loop<F: Real>(
         }
     };
 
-    let mut optimizer = make_optimizer(model.store(), hp, settings)?;
+    // A resident model (the GPU backend) updates itself on its device; a host optimizer would only hold
+    // moments it never uses.
+    let mut optimizer = match model.resident() {
+        Some(_) => None,
+        None => Some(make_optimizer(model.store(), hp, settings)?),
+    };
     let groups_present: Vec<Group> = {
         let mut g: Vec<Group> = model.store().params.iter().map(|p| p.group).collect();
         g.sort();
@@ -284,31 +289,51 @@ pub fn run_loop<F: Real>(
     for step in 0..settings.steps {
         let t0 = Instant::now();
         let (batch, batch_tokens) = next_batch(&mut batch_rng)?;
-        let out = model.loss_and_grad(&batch, &mut route_rng)?;
-        let mut grads: Grads<F> = out.grads;
-        let grad_sq: Vec<f64> = grads.iter().map(sum_sq).collect();
+        let (out, mut grads, grad_sq, param_sq) = match model.resident() {
+            Some(r) => {
+                let g = r.resident_grad(&batch, &mut route_rng)?;
+                let out = StepOutput { loss: g.loss, aux_loss: g.aux_loss, grads: Vec::new(), load: g.load, diagnostics: g.diagnostics };
+                (out, None, g.grad_sq, g.param_sq)
+            }
+            None => {
+                let mut out = model.loss_and_grad(&batch, &mut route_rng)?;
+                let grads: Grads<F> = std::mem::take(&mut out.grads);
+                let grad_sq: Vec<f64> = grads.iter().map(sum_sq).collect();
+                let param_sq: Vec<f64> = model.store().params.iter().map(|p| sum_sq(&p.value)).collect();
+                (out, Some(grads), grad_sq, param_sq)
+            }
+        };
         let grad_norm = grad_sq.iter().sum::<f64>().sqrt();
         let lr_factor = settings.schedule.factor(step);
         let finite = out.loss.is_finite() && out.aux_loss.is_finite() && grad_norm.is_finite();
 
-        let param_sq: Vec<f64> = model.store().params.iter().map(|p| sum_sq(&p.value)).collect();
         // Validation of the same parameters the training loss was measured on, before the update.
         let due = settings.eval_every > 0 && step % settings.eval_every == 0;
         let t_eval = Instant::now();
         let val_loss = if finite && due { evaluate(&*model, &mut eval_rng)? } else { None };
         let eval_seconds = t_eval.elapsed().as_secs_f64();
         let mut clip_scale = 1.0;
-        let mut update_sq = vec![0.0; grads.len()];
+        let mut update_sq = vec![0.0; grad_sq.len()];
         if finite {
             if let Some(c) = settings.grad_clip {
                 if grad_norm > c {
                     clip_scale = c / grad_norm;
-                    let s = F::of(clip_scale);
-                    grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * s));
                 }
             }
-            update_sq = optimizer.step(model.store_mut(), &grads, lr_factor)?;
-            model.after_step(&out.load);
+            match (model.resident(), grads.as_mut(), optimizer.as_mut()) {
+                (Some(r), _, _) => {
+                    update_sq = r.resident_update(lr_factor, clip_scale, (settings.beta1, settings.beta2), &out.load)?;
+                }
+                (None, Some(grads), Some(optimizer)) => {
+                    if clip_scale != 1.0 {
+                        let s = F::of(clip_scale);
+                        grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * s));
+                    }
+                    update_sq = optimizer.step(model.store_mut(), grads, lr_factor)?;
+                    model.after_step(&out.load);
+                }
+                _ => return Err(crate::Error::Internal("train: host step without gradients or optimizer".into())),
+            }
             tokens += batch_tokens;
         }
         train_seconds += t0.elapsed().as_secs_f64() - eval_seconds;
@@ -351,6 +376,10 @@ pub fn run_loop<F: Real>(
         }
     }
 
+    if let Some(r) = model.resident() {
+        // The final record and the caller's summary read the host store.
+        r.sync_host()?;
+    }
     if result.status == Status::Ok {
         // The trained model's own record: loss of the final parameters, no update.
         let (batch, _) = next_batch(&mut batch_rng)?;

@@ -6,7 +6,8 @@
 # makes a rerun (or a later CPU run) finish what a time limit cut short. Results land in
 # validation/sweeps/results/<name> and are packed into $OUT/sweeps.tar.gz.
 #
-# Usage (repository root): LIMIT=seconds bash validation/gpu/sweeps.sh NAME:SHARDS [NAME:SHARDS ...]
+# Usage (repository root): LIMIT=seconds bash validation/gpu/sweeps.sh NAME:SHARDS[:FIRST-LAST] [...]
+# (FIRST-LAST: start only those shards, e.g. the new points of a grown grid when SHARDS is the grid size.)
 #
 # Measured (H200, 2026-11-26, README.md "Sweeps on the GPU"): 18 to 20 shard processes side by side run
 # about 8.5 steps/s each (the width-64 Transformer of the expert_hidden sweeps), so a 3000-step point needs
@@ -25,9 +26,10 @@ WORK="$(mktemp -d /tmp/moe_sweeps.XXXXXX)"
 . "$HERE/env.sh"
 names=()
 for spec in "$@"; do
-  name=${spec%%:*}; shards=${spec##*:}
+  IFS=: read -r name shards range <<<"$spec"
+  first=${range%-*}; last=${range#*-}
   names+=("$name")
-  for ((i = 0; i < shards; i++)); do
+  for ((i = ${first:-0}; i <= ${last:-$((shards - 1))}; i++)); do
     timeout "$LIMIT" "$BIN" sweep --config "validation/sweeps/$name.toml" --out "validation/sweeps/results/$name" \
       --resume --shard "$i/$shards" --device cuda >"$WORK/$name.$i.log" 2>&1 &
   done
