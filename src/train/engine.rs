@@ -1,7 +1,9 @@
 //! The training loop over any [`Model`]: batches (full or minibatch, or token windows), forward and
 //! backward, gradient clipping, the optimizer step with the schedule's factor, the model's `after_step`,
 //! validation, per-step metrics records, and divergence detection. It writes no files: [`super::train`]
-//! adds those, and the coordinate checks and DMFT comparisons call [`run_loop`] directly.
+//! adds those, and the coordinate checks and DMFT comparisons call [`run_loop`] directly. A model that
+//! holds its tensors on its own device ([`crate::model::Resident`], the GPU backend) steps there: the loop
+//! gets the sums of squares its records need instead of the gradients, and syncs the host store at the end.
 //!
 //! Random streams (all ChaCha8 from the run seed, one stream each, so that changing e.g. the batch size
 //! never changes the initialization): 0 model init, 1 batch sampling, 2 routing tie-breaks during
