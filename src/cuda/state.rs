@@ -88,7 +88,8 @@ const CHUNK: usize = 4096;
 ///
 /// Which copy is current: after a device update ([`Self::optimizer_step`]) the device is ahead of the host
 /// store until [`Self::download_into`]; after a host edit (the model's `store_mut`) the host is ahead until
-/// [`Self::upload`]. Never both.
+/// [`Self::upload`]. Never both, except after a failed download in [`before_host_edit`], when the host's
+/// copy wins at the next upload.
 pub struct DeviceParams {
     pub params: Vec<CudaSlice<f32>>,
     pub grads: Vec<CudaSlice<f32>>,
@@ -152,8 +153,7 @@ impl DeviceParams {
             chunk_sumsq(g, &self.params[i], None, &mut partial.slice_mut(n + total[i]..n + total[i + 1]), len)?;
         }
         let host = g.download(&partial, 2 * n)?;
-        let per_tensor = |base: usize| (0..lens.len()).map(|i| host[base + total[i]..base + total[i + 1]].iter().sum()).collect();
-        Ok((per_tensor(0), per_tensor(n)))
+        Ok((tensor_sums(&host[..n], &total), tensor_sums(&host[n..], &total)))
     }
 
     /// The device gradients as host tensors shaped like `store`'s.
@@ -239,8 +239,7 @@ impl DeviceParams {
             }
         }
         let Some(partial) = partial else { return Ok(Vec::new()) };
-        let host = g.download(&partial, offsets[sizes.len()])?;
-        Ok((0..sizes.len()).map(|i| host[offsets[i]..offsets[i + 1]].iter().sum()).collect())
+        Ok(tensor_sums(&g.download(&partial, offsets[sizes.len()])?, &offsets))
     }
 }
 
@@ -251,6 +250,11 @@ fn chunk_offsets(lens: &[usize]) -> Vec<usize> {
         offsets.push(offsets.last().copied().unwrap_or(0) + len.div_ceil(CHUNK));
     }
     offsets
+}
+
+/// Each tensor's total of its chunks' partial sums, added in chunk order.
+fn tensor_sums(partials: &[f64], offsets: &[usize]) -> Vec<f64> {
+    offsets.windows(2).map(|w| partials[w[0]..w[1]].iter().sum()).collect()
 }
 
 /// Partial sums of squares of the first `len` entries of `x` (or of `x - y`), one per chunk, into `out`.
