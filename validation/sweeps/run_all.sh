@@ -116,9 +116,9 @@ if [ $# -eq 0 ]; then
   reuse_runs expert_hidden_moe-completep_pergroup_axis expert_hidden_moe-completep_pergroup_large '*'
   followup expert_hidden_moe-completep_pergroup_large
   # Depth at four times the budget (fourteenth session, CPU): seed 0 over L = 2 .. 16, and a second seed at
-  # L = 2 and 4, where the 850-step drift lives.
+  # L = 2, 4 and 8 (most of the 850-step drift is over L = 2 -> 4).
   followup depth_moe-completep_long
-  reuse_runs depth_moe-completep_long depth_moe-completep_long_seeds '*-depth0000'{2,4}'-lr-*-s0'
+  reuse_runs depth_moe-completep_long depth_moe-completep_long_seeds '*-depth0000'{2,4,8}'-lr-*-s0'
   followup depth_moe-completep_long_seeds
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
   # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
