@@ -74,6 +74,9 @@ if [ $# -eq 0 ]; then
   # Along experts, the router's rate alone: of all groups only its shape depends on M.
   "$bin" sweep --config validation/sweeps/experts_router.toml --out validation/sweeps/results/experts_router --resume
   groups+=(validation/sweeps/results/experts_router)
+  # Along depth, the router's rate alone (L = 2 and 16).
+  "$bin" sweep --config validation/sweeps/depth_router.toml --out validation/sweeps/results/depth_router --resume
+  groups+=(validation/sweeps/results/depth_router)
   "$bin" sweep --collect "${groups[@]}" --out validation/sweeps/results/groups
   cat validation/sweeps/results/groups/transfer.md
   # The base LR again with expert_down's rate tuned at the base (lr_scale 2^2.5, from the sweep above) ...
@@ -102,9 +105,6 @@ if [ $# -eq 0 ]; then
   followup experts_moe-completep_router
   # The same router multiplier along depth (L routers, one per block): depth_moe-completep_seeds_axis's grid and -4.5.
   followup depth_moe-completep_router
-  # The router's own multiplier along depth (L = 2 and 16), collected with the per-group sweeps.
-  "$bin" sweep --config validation/sweeps/depth_router.toml --out validation/sweeps/results/depth_router --resume
-  "$bin" sweep --collect "${groups[@]}" validation/sweeps/results/depth_router --out validation/sweeps/results/groups
   # Past the issue's ranges (thirteenth session; the new points ran on an H200 with `--device cuda`, see
   # validation/gpu/README.md: width 2048 takes about an hour per point on this CPU). Width to 2048 with
   # seed 0, and widths 64 .. 512 with three seeds, on the five LRs around the optimum; expert hidden to
