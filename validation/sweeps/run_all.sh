@@ -106,13 +106,13 @@ if [ $# -eq 0 ]; then
   # The same router multiplier along depth (L routers, one per block): depth_moe-completep_seeds_axis's grid and -4.5.
   followup depth_moe-completep_router
   # Past the issue's ranges (thirteenth session; the new points ran on an H200 with `--device cuda`, see
-  # validation/gpu/README.md: width 2048 takes about an hour per point on this CPU). Width to 2048 with
-  # seed 0, and widths 64 .. 512 with three seeds, on the five LRs around the optimum; expert hidden to
+  # validation/gpu/README.md: width 2048 takes about an hour per point on this CPU). Widths 64 .. 512 with
+  # three seeds, then the same to width 2048, on the five LRs around the optimum; expert hidden to
   # n = 1024 with the per-group multipliers.
-  reuse_runs width_moe-completep width_moe-completep_large '*-lr-00'{8,7,6,5,4}'.000-s0'
-  followup width_moe-completep_large
   reuse_runs width_moe-completep width_moe-completep_seeds '*-lr-00'{8,7,6,5,4}'.000-s0'
   followup width_moe-completep_seeds
+  reuse_runs width_moe-completep_seeds width_moe-completep_large '*'
+  followup width_moe-completep_large
   reuse_runs expert_hidden_moe-completep_pergroup_axis expert_hidden_moe-completep_pergroup_large '*'
   followup expert_hidden_moe-completep_pergroup_large
   # Depth at four times the budget (fourteenth session, CPU): seed 0 over L = 2 .. 16, and a second seed at
