@@ -103,11 +103,22 @@ pub struct AnalysisConfig {
     pub metric: Metric,
     /// Half-width (log2 units) of the LR window around the best grid point that the parabola is fitted on.
     pub window: f64,
+    /// Stability-edge guard (metric units; off when absent): points in the window whose metric exceeds
+    /// the best point's by more than this are left out of the fit, with every point beyond them
+    /// ([`analysis::FitWindow::cliff`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cliff: Option<f64>,
 }
 
 impl Default for AnalysisConfig {
     fn default() -> Self {
-        AnalysisConfig { metric: Metric::ValLoss, window: 2.0 }
+        AnalysisConfig { metric: Metric::ValLoss, window: 2.0, cliff: None }
+    }
+}
+
+impl AnalysisConfig {
+    pub fn fit_window(&self) -> analysis::FitWindow {
+        analysis::FitWindow { half_width: self.window, cliff: self.cliff }
     }
 }
 
@@ -352,6 +363,9 @@ impl SweepConfig {
         }
         if !(self.analysis.window.is_finite() && self.analysis.window > 0.0) {
             return Err(Error::invalid("analysis.window", "must be finite and positive (log2 units)"));
+        }
+        if self.analysis.cliff.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return Err(Error::invalid("analysis.cliff", "must be finite and positive (a loss difference)"));
         }
         // Two points with one id would share a result folder.
         let points = self.enumerate();
@@ -901,6 +915,9 @@ pub struct SweepSummary {
     pub axis: Axis,
     pub metric: Metric,
     pub window: f64,
+    /// The fit's stability-edge guard ([`AnalysisConfig::cliff`]; absent in summaries written without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cliff: Option<f64>,
     pub grid_points: usize,
     pub done: usize,
     pub diverged: usize,
@@ -951,7 +968,7 @@ pub fn summarize(cfg: &SweepConfig, out: &Path) -> Result<SweepSummary> {
                     })
                     .filter(|p| p.seeds > 0)
                     .collect();
-                let optimum = analysis::fit_optimum(&curve, cfg.analysis.window);
+                let optimum = analysis::fit_optimum(&curve, cfg.analysis.fit_window());
                 sizes.push(SizeAnalysis { size, curve, optimum });
             }
             let optima: Vec<(usize, Optimum)> = sizes.iter().filter_map(|s| s.optimum.map(|o| (s.size, o))).collect();
@@ -968,6 +985,7 @@ pub fn summarize(cfg: &SweepConfig, out: &Path) -> Result<SweepSummary> {
         axis: g.axis,
         metric,
         window: cfg.analysis.window,
+        cliff: cfg.analysis.cliff,
         grid_points: points.len(),
         done: runs.len(),
         diverged: runs.iter().filter(|r| r.outcome.status == RunStatus::Diverged).count(),
@@ -991,6 +1009,10 @@ fn fmt_opt(x: Option<f64>, digits: usize) -> String {
 }
 
 impl SweepSummary {
+    pub fn fit_window(&self) -> analysis::FitWindow {
+        analysis::FitWindow { half_width: self.window, cliff: self.cliff }
+    }
+
     /// What the LR axis is: `log2 LR`, or `log2 LR scale of <groups>` for a per-group sweep.
     pub fn lr_name(&self) -> String {
         if self.lr_groups.is_empty() {
@@ -1026,13 +1048,18 @@ impl SweepSummary {
         let lr_name = self.lr_name();
         s.push_str(&format!(
             "{} of {} grid points done ({} diverged, {} missing). Optimum: vertex of a parabola in {lr_name} \
-             fitted within +-{} log2 of the best grid point; +- is one standard deviation (n/a: exact \
+             fitted within +-{} log2 of the best grid point{}; +- is one standard deviation (n/a: exact \
              3-point fit or optimum on the grid edge).\n\n",
             self.done,
             self.grid_points,
             self.diverged,
             self.missing.len(),
-            self.window
+            self.window,
+            self.cliff.map_or_else(String::new, |c| format!(
+                ", up to a stability edge (points more than {c} above the best point's {}, and those beyond \
+                 them, are left out)",
+                self.metric.name()
+            ))
         ));
         s.push_str("## Optimum LR per size\n\n");
         s.push_str(&format!(
@@ -1225,7 +1252,7 @@ pub fn transfer_markdown(summaries: &[(String, SweepSummary)], tolerance: f64) -
                     loss: r.metric(sum.metric),
                 })
                 .collect();
-            let bootstrap = analysis::bootstrap_drift(&seed_runs, sum.window, tolerance, BOOTSTRAP_RESAMPLES, 0);
+            let bootstrap = analysis::bootstrap_drift(&seed_runs, sum.fit_window(), tolerance, BOOTSTRAP_RESAMPLES, 0);
             let boot = match &bootstrap {
                 Some(b) => format!(
                     "{:.2} / {:.2} / {:.2}, {:.2} ({} seeds)",
@@ -1404,6 +1431,12 @@ mod tests {
         let mut cfg = config("");
         cfg.base.get_mut("param").unwrap().as_table_mut().unwrap().remove("base");
         assert!(cfg.validate().unwrap_err().to_string().contains("base.param.base"));
+        for bad in [0.0, -0.5, f64::INFINITY] {
+            let mut cfg = config("");
+            cfg.analysis.cliff = Some(bad);
+            let e = cfg.validate().unwrap_err();
+            assert!(e.to_string().contains("analysis.cliff") && e.exit_code() == 2, "{bad}: {e}");
+        }
         let text = "[base]\n[grid]\naxis = \"width\"\nsizes = [1]\nlr_log2 = [0]\npresets = [\"sp\"]\nlrs = [1]\n";
         assert!(toml::from_str::<SweepConfig>(text).is_err(), "unknown keys must be rejected");
     }

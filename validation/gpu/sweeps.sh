@@ -20,6 +20,8 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 BIN="${BIN:-$HERE/bin/moe-dmft}"
 OUT="${OUT:-$HERE/out}"
 LIMIT="${LIMIT:-540}"
+# DEVICE=cpu runs the same shards on the machine's CPU cores instead (one process per core).
+DEVICE="${DEVICE:-cuda}"
 mkdir -p "$OUT"
 cd "$ROOT"
 WORK="$(mktemp -d /tmp/moe_sweeps.XXXXXX)"
@@ -31,7 +33,7 @@ for spec in "$@"; do
   names+=("$name")
   for ((i = ${first:-0}; i <= ${last:-$((shards - 1))}; i++)); do
     timeout "$LIMIT" "$BIN" sweep --config "validation/sweeps/$name.toml" --out "validation/sweeps/results/$name" \
-      --resume --shard "$i/$shards" --device cuda >"$WORK/$name.$i.log" 2>&1 &
+      --resume --shard "$i/$shards" --device "$DEVICE" >"$WORK/$name.$i.log" 2>&1 &
   done
 done
 wait

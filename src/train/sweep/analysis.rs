@@ -69,15 +69,51 @@ pub struct Optimum {
     pub method: FitMethod,
 }
 
+/// Which grid points the parabola of [`fit_optimum`] is fitted on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FitWindow {
+    /// Half-width (log2 units) of the window around the best grid point.
+    pub half_width: f64,
+    /// Stability-edge guard (loss units): inside the window, a point whose loss exceeds the best point's
+    /// by more than this is taken to lie past a stability edge (training broke down there rather than
+    /// slowed down), and it and every point beyond it on the same side are left out. A parabola through
+    /// such a cliff is pulled towards it and its vertex can fall below every measured loss. `None`: every
+    /// finite point in the window is fitted.
+    pub cliff: Option<f64>,
+}
+
+impl From<f64> for FitWindow {
+    fn from(half_width: f64) -> Self {
+        FitWindow { half_width, cliff: None }
+    }
+}
+
+impl FitWindow {
+    /// The points of `finite` (sorted by log2 LR; `best` indexes the lowest loss) the parabola is fitted on.
+    fn select(&self, finite: &[(f64, f64, Option<f64>)], best: usize) -> Vec<(f64, f64, Option<f64>)> {
+        let (x_best, y_best, _) = finite[best];
+        let inside = |p: &(f64, f64, Option<f64>)| (p.0 - x_best).abs() <= self.half_width + 1e-12;
+        let below_edge = |p: &(f64, f64, Option<f64>)| self.cliff.is_none_or(|c| p.1 - y_best <= c);
+        // Walking outwards from the best point, each side stops at the first point past the edge.
+        let left = finite[..best].iter().rev().take_while(|p| inside(p) && below_edge(p));
+        let right = finite[best + 1..].iter().take_while(|p| inside(p) && below_edge(p));
+        let mut used: Vec<_> = left.chain(std::iter::once(&finite[best])).chain(right).copied().collect();
+        used.sort_by(|a, b| a.0.total_cmp(&b.0));
+        used
+    }
+}
+
 /// Finds the optimum log2 LR of one size from its LR curve.
 ///
 /// Takes the best finite grid point, fits loss = a + b x + c x^2 (x = log2 LR) to the finite points within
-/// `window` log2 units of it (weighted by 1/stderr^2 when every point has a seed spread), and returns the
+/// `window` log2 units of it, up to a stability edge if the window sets one ([`FitWindow::cliff`])
+/// (weighted by 1/stderr^2 when every point has a seed spread), and returns the
 /// vertex with a delta-method standard deviation. With known standard errors the covariance is
 /// (X^T W X)^-1, inflated by the reduced chi-square when that exceeds 1 (the parabola does not describe the
 /// points to within their noise); without them it is s^2 (X^T X)^-1 from the residuals, which needs more
 /// than three points. Returns `None` when no point is finite.
-pub fn fit_optimum(curve: &[LrPoint], window: f64) -> Option<Optimum> {
+pub fn fit_optimum(curve: &[LrPoint], window: impl Into<FitWindow>) -> Option<Optimum> {
+    let window = window.into();
     let mut finite: Vec<(f64, f64, Option<f64>)> =
         curve.iter().filter_map(|p| p.loss.filter(|l| l.is_finite()).map(|l| (p.lr_log2, l, p.stderr))).collect();
     finite.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -96,8 +132,7 @@ pub fn fit_optimum(curve: &[LrPoint], window: f64) -> Option<Optimum> {
     if !bracketed {
         return Some(argmin);
     }
-    let used: Vec<(f64, f64, Option<f64>)> =
-        finite.iter().copied().filter(|p| (p.0 - x_best).abs() <= window + 1e-12).collect();
+    let used = window.select(&finite, best);
     if used.len() < 3 {
         return Some(argmin);
     }
@@ -331,11 +366,12 @@ pub struct DriftBootstrap {
 /// `None` with fewer than two sizes or fewer than two seeds at some size.
 pub fn bootstrap_drift(
     runs: &[SeedRun],
-    window: f64,
+    window: impl Into<FitWindow>,
     tolerance: f64,
     resamples: usize,
     rng_seed: u64,
 ) -> Option<DriftBootstrap> {
+    let window = window.into();
     // One seed's curve at one size: (log2 LR, loss).
     type Curve = Vec<(f64, Option<f64>)>;
     let mut by_size: BTreeMap<usize, BTreeMap<u64, Curve>> = BTreeMap::new();
@@ -382,7 +418,7 @@ pub fn bootstrap_drift(
             }
         }
         if let [(_, from), (to_curve, to)] = ends.as_slice() {
-            costs.extend(transfer_cost(from, to_curve, to, window).map(|c| c.cost));
+            costs.extend(transfer_cost(from, to_curve, to, window.half_width).map(|c| c.cost));
         }
         if optima.len() == by_size.len() {
             if let Some(d) = drift(&optima) {
@@ -427,6 +463,32 @@ mod tests {
     fn grid(lo: f64, hi: f64, step: f64) -> Vec<f64> {
         let n = ((hi - lo) / step).round() as usize;
         (0..=n).map(|i| lo + step * i as f64).collect()
+    }
+
+    #[test]
+    fn the_stability_edge_guard_drops_a_cliff_inside_the_window() {
+        // A flat basin, 1.7 + 0.05 (x + 6.4)^2, with training broken (loss 3) from log2 LR -5.5 up: the
+        // +-2 window around the best point (-6.5) takes in three cliff points.
+        let xs = grid(-8.5, -4.0, 0.5);
+        let c = curve(|x| if x >= -5.5 { 3.0 } else { 1.7 + 0.05 * (x + 6.4).powi(2) }, &xs);
+        let plain = fit_optimum(&c, 2.0).unwrap();
+        assert!((plain.lr_log2 + 6.4).abs() > 0.2, "the cliff should pull the plain fit: {plain:?}");
+        let guarded = fit_optimum(&c, FitWindow { half_width: 2.0, cliff: Some(0.5) }).unwrap();
+        assert_eq!(guarded.method, FitMethod::Parabola);
+        // -8.5 .. -6: the points left of the edge, exactly quadratic.
+        assert_eq!(guarded.points_used, 6);
+        assert!((guarded.lr_log2 + 6.4).abs() < 1e-9, "{guarded:?}");
+        assert!((guarded.loss - 1.7).abs() < 1e-9 && (guarded.curvature.unwrap() - 0.05).abs() < 1e-9);
+        // A threshold no point exceeds changes nothing.
+        let no_cliff = curve(|x| 1.7 + 0.05 * (x + 6.4).powi(2), &xs);
+        assert_eq!(
+            fit_optimum(&no_cliff, FitWindow { half_width: 2.0, cliff: Some(0.5) }),
+            fit_optimum(&no_cliff, 2.0)
+        );
+        // A point below the threshold beyond one above it is dropped too: the edge ends the side.
+        let mut dip = c.clone();
+        dip.last_mut().unwrap().loss = Some(1.75);
+        assert_eq!(fit_optimum(&dip, FitWindow { half_width: 3.0, cliff: Some(0.5) }), Some(guarded));
     }
 
     #[test]
