@@ -9,7 +9,8 @@ use crate::train::sweep::{self, Shard, SweepConfig};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Sweep config (TOML): `[base]` (a train config), `[grid]` (axis, sizes, lr_log2, presets, seeds,
-    /// init_scales, lr_groups: sweep only these groups' LR), optional `[analysis]` (metric, window, cliff: leave points this far above the best out of the fit).
+    /// init_scales, lr_groups: sweep only these groups' LR), optional `[analysis]` (metric, window, cliff: leave
+    /// points more than this above the best out of the fit).
     #[arg(long, required_unless_present = "collect")]
     pub config: Option<PathBuf>,
     /// Output folder; results go to OUT/runs/<id>/, the summary to OUT/summary.{md,json}. With
