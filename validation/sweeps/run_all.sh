@@ -115,10 +115,10 @@ if [ $# -eq 0 ]; then
   followup width_moe-completep_large
   reuse_runs expert_hidden_moe-completep_pergroup_axis expert_hidden_moe-completep_pergroup_large '*'
   followup expert_hidden_moe-completep_pergroup_large
-  # Depth at four times the budget (fourteenth session, CPU): seed 0 over L = 2 .. 16, and a second seed at
-  # L = 2, 4 and 8 (most of the 850-step drift is over L = 2 -> 4).
+  # Depth at four times the budget (fourteenth and fifteenth sessions): seed 0 over L = 2 .. 16, then seeds 1
+  # and 2 at every depth; the second sweep reuses all of seed 0's runs.
   followup depth_moe-completep_long
-  reuse_runs depth_moe-completep_long depth_moe-completep_long_seeds '*-depth0000'{2,4,8}'-lr-*-s0'
+  reuse_runs depth_moe-completep_long depth_moe-completep_long_seeds '*-s0'
   followup depth_moe-completep_long_seeds
   # Which of those multipliers fails along depth: each alone at L = 2 and 8 (depth_expert_down's grid point 0,
   # every group at multiplier 1, is the reference of all three). Not collected: one or two grid points each,
