@@ -10,7 +10,7 @@ use crate::train::sweep::{self, Shard, SweepConfig};
 pub struct Args {
     /// Sweep config (TOML): `[base]` (a train config), `[grid]` (axis, sizes, lr_log2, presets, seeds,
     /// init_scales, lr_groups: sweep only these groups' LR), optional `[analysis]` (metric, window, cliff: leave
-    /// points more than this above the best out of the fit).
+    /// points at higher LRs than the best that lie more than this above it out of the fit).
     #[arg(long, required_unless_present = "collect")]
     pub config: Option<PathBuf>,
     /// Output folder; results go to OUT/runs/<id>/, the summary to OUT/summary.{md,json}. With

@@ -103,9 +103,9 @@ pub struct AnalysisConfig {
     pub metric: Metric,
     /// Half-width (log2 units) of the LR window around the best grid point that the parabola is fitted on.
     pub window: f64,
-    /// Stability-edge guard (metric units; off when absent): points in the window whose metric exceeds
-    /// the best point's by more than this are left out of the fit, with every point beyond them
-    /// ([`analysis::FitWindow::cliff`]).
+    /// Stability-edge guard (metric units; off when absent): points in the window above the best LR whose
+    /// metric exceeds the best point's by more than this are left out of the fit, with every point beyond
+    /// them ([`analysis::FitWindow::cliff`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cliff: Option<f64>,
 }
@@ -1056,8 +1056,8 @@ impl SweepSummary {
             self.missing.len(),
             self.window,
             self.cliff.map_or_else(String::new, |c| format!(
-                ", up to a stability edge (points more than {c} above the best point's {}, and those beyond \
-                 them, are left out)",
+                ", up to a stability edge (points at a higher LR than the best whose {} exceeds the best's by \
+                 more than {c}, and those beyond them, are left out)",
                 self.metric.name()
             ))
         ));

@@ -74,11 +74,13 @@ pub struct Optimum {
 pub struct FitWindow {
     /// Half-width (log2 units) of the window around the best grid point.
     pub half_width: f64,
-    /// Stability-edge guard (loss units): inside the window, a point whose loss exceeds the best point's
-    /// by more than this is taken to lie past a stability edge (training broke down there rather than
-    /// slowed down), and it and every point beyond it on the same side are left out. A parabola through
-    /// such a cliff is pulled towards it and its vertex can fall below every measured loss. `None`: every
-    /// finite point in the window is fitted.
+    /// Stability-edge guard (loss units): inside the window, a point above the best LR whose loss exceeds
+    /// the best point's by more than this is taken to lie past a stability edge (training broke down there
+    /// rather than slowed down), and it and every point beyond it are left out. A parabola through such a
+    /// cliff is pulled towards it and its vertex can fall below every measured loss. Only the high-LR side
+    /// has an edge: below the best LR training is slower, not broken, and a steep wall there (0.6 to 0.8
+    /// above the best at 400 steps along width) belongs in the fit. `None`: every finite point in the
+    /// window is fitted.
     pub cliff: Option<f64>,
 }
 
@@ -94,8 +96,8 @@ impl FitWindow {
         let (x_best, y_best, _) = finite[best];
         let inside = |p: &(f64, f64, Option<f64>)| (p.0 - x_best).abs() <= self.half_width + 1e-12;
         let below_edge = |p: &(f64, f64, Option<f64>)| self.cliff.is_none_or(|c| p.1 - y_best <= c);
-        // Walking outwards from the best point, each side stops at the first point past the edge.
-        let left = finite[..best].iter().rev().take_while(|p| inside(p) && below_edge(p));
+        // Walking up from the best point, the high-LR side stops at the first point past the edge.
+        let left = finite[..best].iter().rev().take_while(|p| inside(p));
         let right = finite[best + 1..].iter().take_while(|p| inside(p) && below_edge(p));
         let mut used: Vec<_> = left.chain(std::iter::once(&finite[best])).chain(right).copied().collect();
         used.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -489,6 +491,11 @@ mod tests {
         let mut dip = c.clone();
         dip.last_mut().unwrap().loss = Some(1.75);
         assert_eq!(fit_optimum(&dip, FitWindow { half_width: 3.0, cliff: Some(0.5) }), Some(guarded));
+        // Below the best LR there is no edge: a steep but smooth wall, 1.3 above the best at -8.5, stays in.
+        let steep = curve(|x| 1.7 + if x < -6.4 { 0.3 } else { 0.05 } * (x + 6.4).powi(2), &xs);
+        let steep_guarded = fit_optimum(&steep, FitWindow { half_width: 2.0, cliff: Some(0.5) }).unwrap();
+        assert_eq!(steep_guarded, fit_optimum(&steep, 2.0).unwrap());
+        assert_eq!(steep_guarded.points_used, 9);
     }
 
     #[test]
