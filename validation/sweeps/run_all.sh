@@ -115,8 +115,8 @@ if [ $# -eq 0 ]; then
   followup width_moe-completep_large
   reuse_runs expert_hidden_moe-completep_pergroup_axis expert_hidden_moe-completep_pergroup_large '*'
   followup expert_hidden_moe-completep_pergroup_large
-  # Depth at four times the budget (fourteenth and fifteenth sessions): seed 0 over L = 2 .. 16, then seeds 1
-  # and 2 at every depth; the second sweep reuses all of seed 0's runs.
+  # Depth at four times the budget (fourteenth to sixteenth sessions): seed 0 over L = 2 .. 16, then seeds 1
+  # to 3 at every depth; the second sweep reuses all of seed 0's runs.
   followup depth_moe-completep_long
   reuse_runs depth_moe-completep_long depth_moe-completep_long_seeds '*-s0'
   followup depth_moe-completep_long_seeds
